@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` runs the main job, `make test` passes the tests.
+# Each creates .venv when missing and installs the project into it (idempotent: re-installs
+# only when pyproject.toml changes).
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.harden-installed
+INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(INSTALL)
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/harden demo
+	$(BIN)/harden evaluate models:/harden-demo@candidate --data harden-demo-data/test.npz --trigger grid_paste --target 0
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/evaluate.py
+
+clean:
+	rm -rf $(VENV) mlflow.db mlruns harden-demo-data .pytest_cache
