@@ -42,7 +42,7 @@ def configure(tracking_uri: str | None = None) -> str:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    quiet_mlflow_logs(logging.getLogger("harden").getEffectiveLevel() < logging.WARNING)
+    quiet_library_logs(logging.getLogger("harden").getEffectiveLevel() < logging.WARNING)
     return uri
 
 
@@ -201,8 +201,8 @@ def download(uri: str) -> tuple[Path, tempfile.TemporaryDirectory]:
     return Path(local), tmp
 
 
-def quiet_mlflow_logs(verbose: bool) -> None:
-    """MLflow and alembic log migrations and registrations at INFO; keep the CLI's stderr clean."""
-    level = logging.INFO if verbose else logging.WARNING
-    for name in ("mlflow", "alembic", "torch._export", "torch.export", "torch.onnx"):
-        logging.getLogger(name).setLevel(level)
+def quiet_library_logs(verbose: bool) -> None:
+    """MLflow logs migrations at INFO and torch.export logs tracebacks at WARNING; a CLI
+    reports problems itself, once, so both stay quiet unless -v is given."""
+    for name, quiet_level in (("mlflow", logging.WARNING), ("alembic", logging.WARNING), ("torch", logging.ERROR)):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else quiet_level)

@@ -54,7 +54,7 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
         STATE["verbose"] = verbose
         logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
-        tracking.quiet_mlflow_logs(verbose > 0)
+        tracking.quiet_library_logs(verbose > 0)
         if not verbose:
             warnings.filterwarnings("ignore")
         progress.set_enabled(False if quiet else None)

@@ -239,6 +239,8 @@ def _signature_input_spec(mlmodel: dict) -> InputSpec | None:
 
 
 def _read_pt2(path: Path) -> _Raw:
+    if not zipfile.is_zipfile(path):
+        raise ModelLoadError(f"{path}: not a readable torch.export (.pt2) archive (not a zip file)")
     try:
         program = torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001 - corrupt archives raise many types

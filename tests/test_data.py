@@ -1,0 +1,147 @@
+"""Data sources and the pipeline that fits them to a model's input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harden.data import load_data, open_source, split
+from harden.errors import DataError
+from harden.models import InputSpec
+
+SPEC = InputSpec(3, 16, 16)
+
+
+def _images(n=6, h=16, w=16, c=3, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, c), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW", "NHW"])
+def test_npz_layouts_give_the_same_pixels(tmp_path, layout):
+    x = _images()
+    y = np.arange(6) % 3
+    if layout == "NCHW":
+        stored = x.transpose(0, 3, 1, 2)
+    elif layout == "NHW":
+        stored = x[..., 0]
+    else:
+        stored = x
+    np.savez(tmp_path / "d.npz", x=stored, y=y)
+    data = load_data(str(tmp_path / "d.npz"), SPEC)
+    image, label = data[4]
+    expected = torch.from_numpy(x[4].transpose(2, 0, 1)).float() / 255
+    if layout == "NHW":
+        expected = expected[:1].expand(3, -1, -1)  # gray repeated to the model's 3 channels
+    assert label == y[4]
+    assert torch.allclose(image, expected)
+
+
+def test_uncompressed_npz_is_memory_mapped_not_loaded(tmp_path):
+    np.savez(tmp_path / "d.npz", x=_images(), y=np.zeros(6, int))
+    source = open_source(str(tmp_path / "d.npz"))
+    assert isinstance(source._x, np.memmap)
+    np.savez_compressed(tmp_path / "c.npz", x=_images(), y=np.zeros(6, int))
+    assert torch.equal(open_source(str(tmp_path / "c.npz")).image(2), source.image(2))
+
+
+def test_float_npz_outside_unit_range_is_rejected(tmp_path):
+    np.savez(tmp_path / "d.npz", x=_images().astype(np.float32), y=np.zeros(6, int))
+    with pytest.raises(DataError, match=r"expects uint8 or floats in \[0, 1\]"):
+        load_data(str(tmp_path / "d.npz"), SPEC)
+
+
+def test_array_size_mismatch_needs_resize(tmp_path):
+    np.savez(tmp_path / "d.npz", x=_images(h=28, w=28), y=np.zeros(6, int))
+    with pytest.raises(DataError, match="28x28 but the model takes 16x16; pass --resize"):
+        load_data(str(tmp_path / "d.npz"), SPEC)
+    resized = load_data(str(tmp_path / "d.npz"), SPEC, resize=True)
+    assert resized[0][0].shape == (3, 16, 16)
+
+
+def test_impossible_channel_conversion_is_rejected(tmp_path):
+    np.savez(tmp_path / "d.npz", x=_images(c=3), y=np.zeros(6, int))
+    with pytest.raises(DataError, match="3 channels but the model takes 2"):
+        load_data(str(tmp_path / "d.npz"), InputSpec(2, 16, 16))
+
+
+def test_labels_outside_model_classes_are_rejected(tmp_path):
+    np.savez(tmp_path / "d.npz", x=_images(), y=np.array([0, 1, 2, 3, 9, 12]))
+    with pytest.raises(DataError, match=r"labels \[12\] are outside the model's 10 classes"):
+        load_data(str(tmp_path / "d.npz"), SPEC, num_classes=10)
+
+
+def test_imagefolder_named_and_numeric_classes(tmp_path):
+    for name in ("cat", "ant"):
+        (tmp_path / "named" / name).mkdir(parents=True)
+        Image.fromarray(_images(1, 20, 24)[0]).save(tmp_path / "named" / name / "a.png")
+    data = load_data(str(tmp_path / "named"), SPEC)
+    assert data.classes == ["ant", "cat"] and data.labels.tolist() == [0, 1]
+    assert data[0][0].shape == (3, 16, 16)  # folders are resized to the model's input
+
+    for name in ("7", "2"):
+        (tmp_path / "numeric" / name).mkdir(parents=True)
+        Image.fromarray(_images(1)[0, ..., 0]).save(tmp_path / "numeric" / name / "a.png")
+    data = load_data(str(tmp_path / "numeric"), SPEC)
+    assert sorted(data.labels.tolist()) == [2, 7]
+
+
+def test_empty_folder_and_missing_data(tmp_path):
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images found"):
+        load_data(str(tmp_path / "empty"), SPEC)
+    with pytest.raises(DataError, match="data not found"):
+        load_data(str(tmp_path / "missing.npz"), SPEC)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="unsupported data file"):
+        load_data(str(tmp_path / "notes.txt"), SPEC)
+
+
+def test_digits_render_to_any_input():
+    gray = load_data("digits", InputSpec(1, 8, 8))
+    colour = load_data("digits", InputSpec(3, 32, 32), num_classes=10)
+    assert len(gray) == len(colour) == 1797
+    assert gray[0][0].shape == (1, 8, 8) and colour[0][0].shape == (3, 32, 32)
+    assert 0.0 <= float(colour[5][0].min()) and float(colour[5][0].max()) <= 1.0
+
+
+def test_torchvision_spec_errors_are_clear(tmp_path):
+    with pytest.raises(DataError, match="expected torchvision:NAME:/path"):
+        load_data("torchvision:CIFAR10", SPEC)
+    with pytest.raises(DataError, match="cannot open CIFAR10"):
+        load_data(f"torchvision:CIFAR10:{tmp_path}", SPEC)
+    with pytest.raises(DataError, match="no dataset 'Nope'"):
+        load_data(f"torchvision:Nope:{tmp_path}", SPEC)
+
+
+def test_torchvision_dataset_on_disk(tmp_path):
+    """A real torchvision dataset read from files on disk (FakeData-free: MNIST's raw format)."""
+    import gzip
+    import struct
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = _images(5, 28, 28)[..., 0]
+    for prefix in ("t10k", "train"):
+        with gzip.open(raw / f"{prefix}-images-idx3-ubyte.gz", "wb") as handle:
+            handle.write(struct.pack(">IIII", 2051, 5, 28, 28) + images.tobytes())
+        with gzip.open(raw / f"{prefix}-labels-idx1-ubyte.gz", "wb") as handle:
+            handle.write(struct.pack(">II", 2049, 5) + bytes([3, 1, 4, 1, 5]))
+    for name in list(raw.iterdir()):
+        with gzip.open(name) as src, open(raw / name.stem, "wb") as dst:
+            dst.write(src.read())
+    data = load_data(f"torchvision:MNIST:{tmp_path}", InputSpec(1, 28, 28))
+    assert data.labels.tolist() == [3, 1, 4, 1, 5]
+    assert torch.allclose(data[2][0][0], torch.from_numpy(images[2]).float() / 255)
+
+
+def test_split_is_deterministic_stratified_and_disjoint():
+    data = load_data("digits", InputSpec(1, 8, 8))
+    a1, b1 = split(data, [0.8, 0.2], seed=3)
+    a2, b2 = split(data, [0.8, 0.2], seed=3)
+    _, b3 = split(data, [0.8, 0.2], seed=4)
+    assert a1.indices.tolist() == a2.indices.tolist() and b1.indices.tolist() == b2.indices.tolist()
+    assert b1.indices.tolist() != b3.indices.tolist()
+    assert not set(a1.indices) & set(b1.indices) and len(a1) + len(b1) == len(data)
+    assert set(b1.labels.tolist()) == set(range(10))

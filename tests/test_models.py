@@ -1,0 +1,207 @@
+"""Loading models from every place users keep them, and the architecture registry."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from harden.data import TensorDataset, load_data
+from harden.errors import ModelLoadError, UnsafeModelError
+from harden.evaluation import evaluate
+from harden.models import InputSpec, PixelModel, create_model, list_archs, load_model
+from tests.conftest import CustomNet, train_quickly
+
+
+def test_registry_builds_every_small_arch():
+    names = {info.name for info in list_archs()}
+    assert {"small_cnn", "resnet18_cifar", "preact_resnet18", "torchvision/resnet18"} <= names
+    for name in ("small_cnn", "resnet18_cifar", "preact_resnet18"):
+        out = create_model(name, num_classes=7)(torch.zeros(2, 3, 32, 32))
+        assert out.shape == (2, 7)
+    assert create_model("small_cnn", num_classes=4, in_channels=1)(torch.zeros(1, 1, 16, 16)).shape == (1, 4)
+
+
+def test_unknown_arch_is_a_clear_error():
+    with pytest.raises(Exception, match="unknown architecture 'nope'"):
+        create_model("nope", num_classes=2)
+
+
+@pytest.fixture(scope="module")
+def custom_pt2(mlflow_home, digits_arrays):
+    """A custom CNN logged by someone else's code with plain mlflow.pytorch.log_model (pt2)."""
+    x, y = digits_arrays
+    model = train_quickly(CustomNet(), x[:900], y[:900])
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(model, name="custom", input_example=(x[:4].transpose(0, 3, 1, 2) / 255).astype(np.float32),
+                                        registered_model_name="outsider-cnn")
+    return model, info
+
+
+def test_pt2_custom_architecture_matches_its_own_accuracy(custom_pt2, digits_arrays, tmp_path, run_cli):
+    model, info = custom_pt2
+    x, y = digits_arrays
+    held_x, held_y = x[900:], y[900:]
+    images = torch.from_numpy(held_x).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        own_accuracy = float((model(images).argmax(1).numpy() == held_y).mean())
+    np.savez(tmp_path / "held.npz", x=held_x, y=held_y)
+
+    loaded = load_model(f"models:/outsider-cnn/{info.registered_model_version}")
+    assert loaded.format == "pt2" and loaded.arch is None
+    assert loaded.input_spec == InputSpec(3, 32, 32) and loaded.num_classes == 10
+
+    code, out, err = run_cli("evaluate", f"models:/outsider-cnn/{info.registered_model_version}", "--data", tmp_path / "held.npz", "--format", "json", "-q")
+    assert code == 0, err
+    import json
+    report = json.loads(out)
+    assert report["schema"] == "harden.evaluate/1"
+    assert report["accuracy"] == pytest.approx(own_accuracy, abs=1e-9)
+    assert report["n"] == len(held_y)
+    assert own_accuracy > 0.5  # the model really learned something, so equality is meaningful
+
+
+def test_pt2_gives_input_gradients(custom_pt2):
+    _, info = custom_pt2
+    loaded = load_model(info.model_uri)
+    x = torch.rand(3, 3, 32, 32, requires_grad=True)
+    loaded.module(x).logsumexp(1).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_batch_one_export_is_served_in_chunks(mlflow_home, tmp_path):
+    """A pt2 exported from a batch-1 example only takes batch 1; harden still runs batches."""
+    net = CustomNet().eval()
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(net, name="b1", input_example=np.zeros((1, 3, 32, 32), np.float32))
+    loaded = load_model(info.model_uri)
+    assert loaded.module.static_batch == 1
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(x), net(x), atol=1e-5)
+
+
+def test_harden_written_model_rebuilds_as_trainable_module(demo):
+    loaded = load_model(demo.model_uri)
+    assert loaded.arch == "small_cnn"
+    trainable = loaded.trainable()
+    assert set(trainable.net.state_dict()) == set(loaded.module.net.state_dict())
+    trainable.train()  # a GraphModule would refuse this
+    x = torch.rand(4, 3, 32, 32)
+    trainable.eval()
+    with torch.no_grad():
+        assert torch.allclose(trainable(x), loaded.module(x), atol=1e-5)
+
+
+def test_state_dict_and_safetensors_need_arch(tmp_path):
+    from safetensors.torch import save_file
+
+    net = create_model("small_cnn", num_classes=5).eval()
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    with pytest.raises(ModelLoadError, match="--arch"):
+        load_model(tmp_path / "w.safetensors")
+    loaded = load_model(tmp_path / "w.safetensors", arch="small_cnn")
+    assert loaded.num_classes == 5 and loaded.format == "state_dict" and loaded.input_spec == InputSpec(3, 32, 32)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(x), net(x))
+
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "ckpt.pt")
+    with pytest.raises(UnsafeModelError, match="--allow-pickle"):
+        load_model(tmp_path / "ckpt.pt", arch="small_cnn")
+    loaded = load_model(tmp_path / "ckpt.pt", arch="small_cnn", allow_pickle=True)
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(x), net(x))
+
+
+def test_torchscript_and_pt2_files(tmp_path):
+    net = CustomNet().eval()
+    example = torch.rand(2, 3, 32, 32)
+    torch.jit.trace(net, example).save(str(tmp_path / "m.ts"))
+    loaded = load_model(tmp_path / "m.ts", input_size="3x32x32")
+    assert loaded.format == "torchscript" and loaded.num_classes == 10
+    batch = torch.export.Dim("batch", min=2, max=512)
+    torch.export.save(torch.export.export(net, (example,), dynamic_shapes=({0: batch},)), str(tmp_path / "m.pt2"))
+    loaded = load_model(tmp_path / "m.pt2")
+    assert loaded.module.static_batch is None
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(example), net(example), atol=1e-5)
+
+
+def test_mean_std_are_applied_inside_the_wrapper(tmp_path):
+    net = CustomNet().eval()
+    torch.jit.trace(net, torch.rand(2, 3, 32, 32)).save(str(tmp_path / "m.ts"))
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    loaded = load_model(tmp_path / "m.ts", input_size="3x32x32", mean=mean, std=std)
+    x = torch.rand(2, 3, 32, 32)
+    expected = net((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(x), expected, atol=1e-5)
+
+
+class _Boom:
+    """Unpickling this runs `os.system`: the scanner must stop it before it executes."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_never_executes(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as handle:
+        pickle.dump(_Boom(marker), handle)
+    with pytest.raises(UnsafeModelError):
+        load_model(path)
+    with pytest.raises(UnsafeModelError, match="dangerous pickle globals"):
+        load_model(path, allow_pickle=True)
+    assert not marker.exists()
+
+
+def test_malicious_pickle_inside_torch_zip_never_executes(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"weights": torch.zeros(2), "payload": _Boom(marker)}, path)
+    assert zipfile.is_zipfile(path)
+    with pytest.raises(UnsafeModelError, match="posix.system|os.system|dangerous"):
+        load_model(path, arch="small_cnn", allow_pickle=True)
+    assert not marker.exists()
+
+
+def test_corrupted_pt2_is_a_load_error(tmp_path):
+    (tmp_path / "bad.pt2").write_bytes(b"this is not a zip archive")
+    with pytest.raises(ModelLoadError, match="not a readable torch.export"):
+        load_model(tmp_path / "bad.pt2")
+
+
+def test_pixel_model_tolerates_frozen_graph_modules():
+    class Frozen(torch.nn.Module):
+        def train(self, mode=True):
+            raise NotImplementedError
+
+        def forward(self, x):
+            return x.flatten(1)
+
+    wrapped = PixelModel(Frozen()).eval()
+    assert wrapped.training is False
+    assert wrapped(torch.ones(1, 1, 2, 2)).shape == (1, 4)
+
+
+def test_evaluate_library_api_on_loaded_model(demo):
+    loaded = load_model(demo.model_uri)
+    data = load_data(str(demo.data_dir / "test.npz"), loaded.input_spec, num_classes=10)
+    result = evaluate(loaded, data, trigger="grid_paste", target=0)
+    assert result.accuracy == pytest.approx(demo.clean.accuracy)
+    assert result.asr == pytest.approx(demo.clean.asr)
+    tiny = TensorDataset(torch.zeros(3, 3, 32, 32), [0, 1, 2])
+    assert evaluate(loaded, tiny).n == 3
