@@ -27,12 +27,50 @@ class Table:
 
 
 @dataclass
+class Finding:
+    """One problem found, in the shape code-scanning tools (SARIF) and CI dashboards expect."""
+
+    rule_id: str  # e.g. harden.backdoor.trigger-inversion, harden.artifact.unsafe-pickle
+    level: str  # error | warning | note
+    message: str
+    security_severity: float = 5.0  # 0.0-10.0, GitHub's scale
+    properties: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CheckOutcome:
+    """One check of a command (a JUnit test case): passed | failed | skipped | error."""
+
+    name: str
+    status: str
+    message: str = ""
+    duration_s: float = 0.0
+    findings: list[Finding] = field(default_factory=list)
+
+
+@dataclass
+class Image:
+    """A PNG shown in HTML reports (e.g. a reversed trigger) and logged to MLflow."""
+
+    title: str
+    png: bytes
+
+
+@dataclass
 class Report:
     schema: str
     title: str
     payload: dict[str, Any]
     tables: list[Table] = field(default_factory=list)
     next_steps: list[str] = field(default_factory=list)
+    checks: list[CheckOutcome] = field(default_factory=list)
+    images: list[Image] = field(default_factory=list)
+    # The repository file SARIF results point at (models are not source files).
+    sarif_location: str | None = None
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [finding for check in self.checks for finding in check.findings]
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": self.schema, **self.payload}
