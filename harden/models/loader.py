@@ -98,18 +98,18 @@ class _Raw:
     state_dict: dict[str, torch.Tensor] | None = None
 
 
-def load_model(
-    uri: str,
-    *,
-    arch: str | None = None,
-    num_classes: int | None = None,
-    input_size: str | InputSpec | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    allow_pickle: bool = False,
-    device: str | torch.device = "cpu",
-) -> LoadedModel:
-    """Load MODEL for harden. Raises `ModelLoadError` with a one-line reason."""
+@dataclass
+class ModelArtifact:
+    """A model's files on local disk, fetched but not loaded (so they can be scanned first)."""
+
+    uri: str
+    path: Path
+    registered: RegisteredVersion | None = None
+    _tmp: Any = field(default=None, repr=False)
+
+
+def fetch_model(uri: str) -> ModelArtifact:
+    """Resolve MODEL to local files; MLflow URIs are downloaded (nothing is executed)."""
     uri = str(uri).strip()
     if not uri:
         raise ModelLoadError("no model given")
@@ -125,7 +125,23 @@ def load_model(
         path = Path(uri).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model not found: {uri} (not a file, a directory or an MLflow URI)")
+    return ModelArtifact(uri, path, registered, tmp)
 
+
+def load_model(
+    uri: "str | Path | ModelArtifact",
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    input_size: str | InputSpec | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    allow_pickle: bool = False,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load MODEL for harden. Raises `ModelLoadError` with a one-line reason."""
+    artifact = uri if isinstance(uri, ModelArtifact) else fetch_model(str(uri))
+    uri, path, registered, tmp = artifact.uri, artifact.path, artifact.registered, artifact._tmp
     spec = InputSpec.parse(input_size) if isinstance(input_size, str) else input_size
     raw = _read(path, arch=arch, num_classes=num_classes, spec=spec, allow_pickle=allow_pickle)
     meta = raw.metadata
