@@ -145,6 +145,27 @@ def log_json(payload: Mapping[str, Any], artifact_file: str) -> None:
     mlflow.log_text(json.dumps(payload, indent=2, sort_keys=True, default=str), artifact_file)
 
 
+def log_report(report, name: str) -> None:
+    """The report as JSON plus every other registered rendering, and its images as PNGs."""
+    import mlflow
+
+    from harden.report import RENDERERS
+
+    suffixes = {"json": "json", "markdown": "md", "html": "html", "sarif": "sarif", "junit": "xml"}
+    for fmt, suffix in suffixes.items():
+        if fmt in RENDERERS:
+            mlflow.log_text(RENDERERS[fmt](report), f"reports/{name}.{suffix}")
+    for index, image in enumerate(report.images):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{index:02d}-{_slug(image.title)}.png"
+            path.write_bytes(image.png)
+            mlflow.log_artifact(str(path), "images")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "image"
+
+
 def log_model(net, input_shape: tuple[int, int, int], harden_metadata: Mapping[str, Any], name: str = "model"):
     """Log a model as pt2 with a batch-2 numpy example: pt2 + pyfunc flavors, dynamic batch."""
     import mlflow

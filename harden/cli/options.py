@@ -22,7 +22,6 @@ from harden.errors import HardenError
 from harden.models import LoadedModel, load_model
 from harden.runtime import resolve_device, seed_everything
 
-FORMATS = ("text", "json", "markdown")
 STATE = {"verbose": 0}
 
 
@@ -104,16 +103,23 @@ def open_model(ctx: CommandContext, model: str, arch, num_classes, input_size, m
     return loaded
 
 
-def data_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    func = click.option("--resize", is_flag=True, help="Rescale array data whose size differs from the model's input.")(func)
-    return click.option("--data", "data", required=True,
-                        help="ImageFolder dir, .npz (x, y), torchvision:NAME:/root[:train|test], or digits.")(func)
+def data_options(func: Callable[..., Any] | None = None, *, required: bool = True):
+    """--data (and --resize); `data_options(required=False)` for commands where data is optional."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        func = click.option("--resize", is_flag=True, help="Rescale array data whose size differs from the model's input.")(func)
+        return click.option("--data", "data", required=required,
+                            help="ImageFolder dir, .npz (x, y), torchvision:NAME:/root[:train|test], or digits.")(func)
+
+    return decorate(func) if func is not None else decorate
 
 
 def report_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
                         help="Write the report here (stdout when omitted).")(func)
-    return click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
+    from harden.report import RENDERERS
+
+    return click.option("--format", "fmt", type=click.Choice(list(RENDERERS)), default="text", show_default=True,
                         help="Report format.")(func)
 
 

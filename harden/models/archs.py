@@ -62,18 +62,19 @@ class _BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet with a 3x3 stride-1 stem for 32x32 inputs (the CIFAR variant used by the papers)."""
 
-    def __init__(self, blocks: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3, preact: bool = False):
+    def __init__(self, blocks: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3, preact: bool = False,
+                 widths: tuple[int, int, int, int] = (64, 128, 256, 512)):
         super().__init__()
         self.preact = preact
-        self.in_planes = 64
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = self._make_layer(64, blocks[0], 1)
-        self.layer2 = self._make_layer(128, blocks[1], 2)
-        self.layer3 = self._make_layer(256, blocks[2], 2)
-        self.layer4 = self._make_layer(512, blocks[3], 2)
-        self.bn_final = nn.BatchNorm2d(512) if preact else nn.Identity()
-        self.linear = nn.Linear(512, num_classes)
+        self.in_planes = widths[0]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.layer1 = self._make_layer(widths[0], blocks[0], 1)
+        self.layer2 = self._make_layer(widths[1], blocks[1], 2)
+        self.layer3 = self._make_layer(widths[2], blocks[2], 2)
+        self.layer4 = self._make_layer(widths[3], blocks[3], 2)
+        self.bn_final = nn.BatchNorm2d(widths[3]) if preact else nn.Identity()
+        self.linear = nn.Linear(widths[3], num_classes)
 
     def _make_layer(self, planes: int, count: int, stride: int) -> nn.Sequential:
         layers = []
@@ -97,6 +98,12 @@ class CifarResNet(nn.Module):
 def small_cnn(num_classes: int = 10, in_channels: int = 3, width: int = 32) -> nn.Module:
     """Small 4-layer CNN with BatchNorm (demo, tests, zoo)."""
     return SmallCNN(num_classes, in_channels, width)
+
+
+@register_arch("resnet8_narrow", default_input=(3, 32, 32))
+def resnet8_narrow(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """Narrow 8-layer CIFAR ResNet (one block per stage, widths 16..128): a second cheap zoo architecture."""
+    return CifarResNet((1, 1, 1, 1), num_classes, in_channels, widths=(16, 32, 64, 128))
 
 
 @register_arch("resnet18_cifar", default_input=(3, 32, 32))

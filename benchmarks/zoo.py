@@ -1,0 +1,119 @@
+"""A zoo of clean and backdoored models for calibrating and benchmarking `harden scan`.
+
+Two architectures (small_cnn, resnet8_narrow), digits rendered 3×32×32, triggers from
+harden.attacks (patch, blend, SIG, warp, ) toward varying targets, several
+seeds. Models are cached as safetensors under benchmarks/.zoo/ (git-ignored), so the
+scan and purify benchmarks re-use them. A "backdoored" model must reach ASR ≥ 0.8 on
+held-out data; attacks that fail to implant are recorded as such and left out.
+
+    .venv/bin/python benchmarks/zoo.py          # builds (or re-uses) the zoo, prints it
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from harden.attacks import Attack, PoisonedDataset
+from harden.data import LabelledDataset, load_data, split
+from harden.evaluation import evaluate
+from harden.models import InputSpec, create_model
+from harden.models.loader import load_model
+from harden.report import Report, Table, emit
+from harden.runtime import seed_everything
+from harden.training import TrainConfig, fit
+
+ZOO_DIR = Path(__file__).parent / ".zoo"
+SPEC = InputSpec(3, 32, 32)
+ARCHS = ("small_cnn", "resnet8_narrow")
+ATTACKS = ("grid_paste", "blend", "sig", "wanet:k=4,s=1.0")
+
+
+@dataclass
+class ZooModel:
+    name: str
+    arch: str
+    attack: str | None  # trigger spec, None for clean models
+    target: int | None
+    seed: int
+    split: str  # fit | holdout (holdout models are never used to fit the calibration)
+    accuracy: float = 0.0
+    asr: float | None = None
+
+    @property
+    def path(self) -> Path:
+        return ZOO_DIR / f"{self.name}.safetensors"
+
+    @property
+    def backdoored(self) -> bool:
+        return self.attack is not None
+
+
+def zoo_data(seed: int = 0) -> tuple[LabelledDataset, LabelledDataset, LabelledDataset]:
+    """(train, defender's clean set, test): the same split for every zoo model."""
+    return tuple(split(load_data("digits", SPEC, num_classes=10), [0.7, 0.15, 0.15], seed=seed))  # type: ignore[return-value]
+
+
+def zoo_plan() -> list[ZooModel]:
+    plan = []
+    for arch in ARCHS:
+        for seed in range(4):
+            plan.append(ZooModel(f"{arch}-clean-s{seed}", arch, None, None, seed, "fit" if seed < 2 else "holdout"))
+        for i, attack in enumerate(ATTACKS):
+            for seed in range(2):
+                target = (3 * i + 2 * seed + 1) % 10
+                name = f"{arch}-{attack.split(':')[0]}-t{target}-s{seed}"
+                plan.append(ZooModel(name, arch, attack, target, seed, "fit" if seed == 0 else "holdout"))
+    return plan
+
+
+def build(entry: ZooModel, train, test, epochs: int = 8) -> ZooModel:
+    from safetensors.torch import save_file
+
+    seed_everything(entry.seed)
+    model = create_model(entry.arch, num_classes=10)
+    data = train
+    if entry.attack:
+        data = PoisonedDataset(train, Attack(entry.attack, target=entry.target, num_classes=10), rate=0.1, seed=entry.seed)
+    fit(model, data, TrainConfig(epochs=epochs, lr=2e-3, seed=entry.seed))
+    result = evaluate(model, test, trigger=entry.attack, target=entry.target)
+    entry.accuracy, entry.asr = result.accuracy, result.asr
+    ZOO_DIR.mkdir(exist_ok=True)
+    save_file(model.state_dict(), str(entry.path))
+    return entry
+
+
+def load_zoo() -> list[ZooModel]:
+    """Build missing models; return the usable zoo (failed attacks left out)."""
+    index = ZOO_DIR / "index.json"
+    known = {e["name"]: ZooModel(**e) for e in json.loads(index.read_text())} if index.exists() else {}
+    train, _, test = zoo_data()
+    entries = []
+    for planned in zoo_plan():
+        entry = known.get(planned.name)
+        if entry is None or not entry.path.exists():
+            start = time.perf_counter()
+            entry = build(planned, train, test)
+            print(f"built {entry.name}: acc {entry.accuracy:.3f} asr {entry.asr} in {time.perf_counter() - start:.0f}s", flush=True)
+            known[entry.name] = entry
+            index.write_text(json.dumps([asdict(e) for e in known.values()], indent=1))
+        entries.append(entry)
+    return [e for e in entries if not e.backdoored or (e.asr or 0) >= 0.8]
+
+
+def load_zoo_model(entry: ZooModel):
+    return load_model(entry.path, arch=entry.arch)
+
+
+def main() -> None:
+    zoo = load_zoo()
+    rows = [[e.name, e.arch, e.attack or "-", e.target, e.split, round(e.accuracy, 4), None if e.asr is None else round(e.asr, 4)] for e in zoo]
+    emit(Report("harden.bench.zoo/1", f"Zoo: {len(zoo)} usable models", {}, [Table("models", ["name", "arch", "attack", "target", "split", "ACC", "ASR"], rows)]), "text")
+
+
+if __name__ == "__main__":
+    main()

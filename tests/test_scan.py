@@ -1,0 +1,136 @@
+"""`harden scan`: the trigger-inversion check, the verdict, outputs and registry tags."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from harden.models import create_model
+from harden.scan import VERDICTS, combine, scan
+from harden.scan.base import ERROR, FAILED, PASSED, SKIPPED, CheckResult
+from harden.scan.inversion import InversionConfig, invert_triggers, mad_anomaly
+from harden.training import TrainConfig, fit
+from tests.conftest import CustomNet
+
+
+@pytest.fixture(scope="module")
+def demo_scan(demo, run_cli, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scan") / "scan.json"
+    code, _, err = run_cli("scan", "models:/harden-demo@candidate", "--data", demo.data_dir / "clean.npz", "--format", "json", "--output", out, "-q")
+    return code, json.loads(out.read_text()), err
+
+
+def test_demo_model_is_flagged_with_its_true_target(demo, demo_scan):
+    code, report, err = demo_scan
+    assert code == 1, err
+    assert report["schema"] == "harden.scan/1"
+    assert report["verdict"] == "backdoor" and report["p_backdoor"] >= 0.5
+    assert report["suspect_classes"][0] == demo.target
+    per_class = {c["target"]: c for c in report["per_class"]}
+    assert len(per_class) == 10
+    assert per_class[demo.target]["norm"] == min(c["norm"] for c in per_class.values())
+    assert per_class[demo.target]["asr"] >= 0.9
+    assert {"verdict", "p_backdoor", "suspect_classes", "per_class", "checks", "model_uri", "duration_s", "peak_memory_mb", "harden_version"} <= set(report)
+
+
+def test_scan_sets_version_tags_and_logs_artifacts(demo, demo_scan):
+    _, report, _ = demo_scan
+    version = mlflow.tracking.MlflowClient().get_model_version("harden-demo", demo.version.version)
+    assert version.tags["harden.scan.verdict"] == "backdoor"
+    assert float(version.tags["harden.scan.p_backdoor"]) == pytest.approx(report["p_backdoor"], abs=1e-4)
+    run_id = version.tags["harden.scan.run_id"]
+    assert run_id == report["run_id"]
+    run = mlflow.get_run(run_id)
+    assert run.data.tags["harden.command"] == "scan" and run.data.metrics["p_backdoor"] == pytest.approx(report["p_backdoor"])
+    artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run_id)}
+    assert {"reports", "images", "scan"} <= artifacts
+    images = [a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run_id, "images")]
+    assert any("anomaly-chart" in p for p in images) and any("reversed-trigger" in p for p in images)
+
+
+@pytest.fixture(scope="module")
+def clean_model_file(tmp_path_factory, demo):
+    """A clean small CNN trained on the same digits split as the demo, saved as safetensors."""
+    from safetensors.torch import save_file
+
+    from harden.data import load_data, split
+    from harden.models import InputSpec
+
+    train, _, _ = split(load_data("digits", InputSpec(3, 32, 32), num_classes=10), [0.7, 0.15, 0.15], seed=0)
+    torch.manual_seed(1)
+    model = create_model("small_cnn", num_classes=10)
+    fit(model, train, TrainConfig(epochs=8, lr=2e-3, seed=1))
+    path = tmp_path_factory.mktemp("clean") / "clean.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+def test_clean_model_is_not_flagged(clean_model_file, demo, run_cli):
+    code, out, err = run_cli("scan", clean_model_file, "--arch", "small_cnn", "--data", demo.data_dir / "clean.npz", "--format", "json", "-q")
+    report = json.loads(out)
+    assert code == 0, (report["p_backdoor"], err)
+    assert report["verdict"] == "clean" and report["suspect_classes"] == []
+
+
+def test_unknown_architecture_pt2_scans(demo, mlflow_home):
+    net = CustomNet().eval()
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(net, name="unknown", input_example=np.zeros((2, 3, 32, 32), np.float32))
+    result = scan(info.model_uri, data=str(demo.data_dir / "clean.npz"), checks=["inversion"],
+                  options={"inversion": {"probe_per_class": 4, "max_steps": 30, "warmup_steps": 10}})
+    assert result.verdict in VERDICTS and result.checks[0].status in (PASSED, FAILED)
+    assert len(result.per_class) == 10 and all(c["steps"] > 0 for c in result.per_class)
+
+
+def test_nothing_scannable_exits_3(demo, run_cli):
+    code, out, _ = run_cli("scan", demo.model_uri, "--checks", "inversion", "--format", "json", "-q")
+    assert code == 3
+    report = json.loads(out)
+    assert report["verdict"] == "inconclusive" and report["checks"][0]["status"] == SKIPPED
+
+
+def test_unknown_check_is_a_usage_error(run_cli):
+    code, _, err = run_cli("scan", "models:/x/1", "--checks", "magic")
+    assert code == 4 and "unknown check" in err
+
+
+def test_verdict_combination_rules():
+    unsafe = CheckResult("artifact", FAILED, "bad")
+    backdoor = CheckResult("inversion", FAILED, "", details={"p_backdoor": 0.9, "suspect_classes": [3]})
+    clean = CheckResult("inversion", PASSED, "", details={"p_backdoor": 0.1})
+    broken = CheckResult("inversion", ERROR, "boom")
+    assert combine([unsafe, backdoor]) == ("unsafe_artifact", None, [])
+    assert combine([backdoor]) == ("backdoor", 0.9, [3])
+    assert combine([clean]) == ("clean", 0.1, [])
+    assert combine([broken])[0] == "inconclusive"
+
+
+def test_mad_anomaly_flags_the_low_outlier():
+    norms = np.array([50.0, 52.0, 48.0, 51.0, 49.0, 5.0])
+    index = mad_anomaly(norms)
+    assert index.argmax() == 5 and index[5] > 2 and (index[:5] < 2).all()
+
+
+class PatchBackdoor(torch.nn.Module):
+    """Classes are bands of the image mean (changing one needs a large mask); a bright top-left
+    pixel is a hard-wired backdoor to class 2 (one pixel suffices)."""
+
+    def forward(self, x):
+        mean = x.mean((1, 2, 3))
+        logits = torch.stack([-((4 * mean - (k + 0.5)) ** 2) * 10 for k in range(4)], 1)
+        bump = 100 * torch.relu(x[:, :, 0, 0].mean(1) - 0.9)
+        return logits + torch.nn.functional.one_hot(torch.tensor(2), 4).float() * bump[:, None]
+
+
+def test_inversion_finds_a_planted_one_pixel_trigger():
+    labels = torch.arange(40) % 4
+    images = ((labels.float() + 0.5) / 4).view(-1, 1, 1, 1).expand(-1, 3, 8, 8) + 0.02 * torch.randn(40, 3, 8, 8)
+    config = InversionConfig(probe_per_class=10, max_steps=150, warmup_steps=20, keep_fraction=1.0, margin_steps=10)
+    result = invert_triggers(PatchBackdoor(), images.clamp(0, 1), labels, 4, config)
+    norms = [c.norm for c in result.classes]
+    assert int(np.argmin(norms)) == 2 and norms[2] < 0.6 * sorted(norms)[1], norms
+    assert result.classes[2].asr >= 0.9
