@@ -8,6 +8,7 @@ import click
 
 from harden import tracking
 from harden.cli.options import CommandContext, common_options, data_options, model_options, report_options
+from harden.models import fetch_model
 from harden.report import emit
 from harden.scan import TASKS, default_checks, scan
 from harden.scan.base import CHECKS
@@ -52,8 +53,10 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
               "max_steps": max_steps, "strategy": strategy, "device": str(ctx.device), "seed": ctx.seed}
     options = {"inversion": {"probe_per_class": probe_per_class, "max_steps": max_steps, "strategy": strategy}}
     load_options = {"arch": arch, "num_classes": num_classes, "input_size": input_size, "mean": mean, "std": std, "allow_pickle": allow_pickle}
-    with tracking.command_run("scan", model, params) as run:
-        result = scan(model, data=data, train_data=train_data, task=task, checks=names, device=ctx.device, seed=ctx.seed,
+    artifact = fetch_model(model)  # before the run opens: a wrong URI writes nothing
+    source_uri = artifact.registered.uri if artifact.registered else artifact.uri
+    with tracking.command_run("scan", source_uri, params) as run:
+        result = scan(artifact, data=data, train_data=train_data, task=task, checks=names, device=ctx.device, seed=ctx.seed,
                       options=options, load_options=load_options, resize=resize)
         report = result.report(sarif_location)
         report.payload["run_id"] = run.info.run_id

@@ -21,7 +21,7 @@ import torch
 from harden import __version__
 from harden.data import load_data
 from harden.errors import EXIT_ERROR, EXIT_FINDINGS, EXIT_NOTHING_SCANNABLE, EXIT_OK, HardenError
-from harden.models import fetch_model, load_model
+from harden.models import ModelArtifact, fetch_model, load_model
 from harden.report import Image, Report, Table
 from harden.runtime import measure
 from harden.scan import classifier as _classifier  # noqa: F401  (registers the inversion check)
@@ -122,7 +122,7 @@ def default_checks(task: str) -> list[str]:
 
 
 def scan(
-    model: str,
+    model: "str | ModelArtifact",
     *,
     data: str | None = None,
     train_data: str | None = None,
@@ -145,7 +145,7 @@ def scan(
     device = torch.device(device)
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="harden-scan-"))
     with measure(device) as cost:
-        artifact = fetch_model(model)
+        artifact = model if isinstance(model, ModelArtifact) else fetch_model(model)
         ctx = ScanContext(artifact, None, None, None, task, device, seed, options or {}, workdir)
         results = [_run_check(n, ctx) for n in names if n == "artifact"]
         if not (results and results[0].status == FAILED):  # an unsafe artifact is never loaded

@@ -36,7 +36,7 @@ _TANH_SCALE = 2 - _EPS
 @dataclass
 class InversionConfig:
     probe_per_class: int = 10  # clean probe images per class (a fifth is held out to score triggers)
-    batch_size: int = 24  # source images per class per step
+    batch_size: int = 16  # source images per class per step
     lr: float = 0.2
     init_cost: float = 1e-2
     cost_up: float = 2.0
@@ -44,15 +44,15 @@ class InversionConfig:
     patience: int = 3
     success_asr: float = 0.95
     init_mask: float = 0.02
-    warmup_steps: int = 40
+    warmup_steps: int = 30
     max_steps: int = 200
     early_stop_patience: int = 20
     early_stop_tol: float = 0.01
     keep_fraction: float = 0.3  # classes kept after warm-up; 1.0 disables scheduling
     early_stop: bool = True
     strategy: str = "auto"  # auto | loop | batched
-    margin_starts: int = 8
-    margin_steps: int = 40
+    margin_starts: int = 6
+    margin_steps: int = 30
 
     @classmethod
     def plain_neural_cleanse(cls, steps: int = 300) -> "InversionConfig":
