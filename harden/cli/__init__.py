@@ -64,9 +64,9 @@ def cli() -> None:
 
 
 def _register_commands() -> None:
-    from harden.cli import demo, evaluate, listing
+    from harden.cli import demo, evaluate, export, listing, serve
 
-    for module in (demo, evaluate, listing):
+    for module in (demo, evaluate, export, listing, serve):
         cli.add_command(module.command)
 
 

@@ -104,9 +104,12 @@ def open_model(ctx: CommandContext, model: str, arch, num_classes, input_size, m
     return loaded
 
 
-def data_options(func: Callable[..., Any]) -> Callable[..., Any]:
+def data_options(func: Callable[..., Any] | None = None, *, default: str | None = None) -> Callable[..., Any]:
+    """--data and --resize; `@data_options` requires --data, `@data_options(default="digits")` does not."""
+    if func is None:
+        return functools.partial(data_options, default=default)
     func = click.option("--resize", is_flag=True, help="Rescale array data whose size differs from the model's input.")(func)
-    return click.option("--data", "data", required=True,
+    return click.option("--data", "data", required=default is None, default=default, show_default=default is not None,
                         help="ImageFolder dir, .npz (x, y), torchvision:NAME:/root[:train|test], or digits.")(func)
 
 
