@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -109,28 +107,6 @@ def measure_throughput(arch: str, workdir: Path, batch: int, rounds: int, second
     return Throughput(arch, batch, eager_best, onnx_best), Exported(loaded, export, onnx_file)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"harden serve exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"harden serve was not ready within {timeout:.0f} s")
-
-
 def generate_load(url: str, duration: float, concurrency: int, max_requests: int, shape: tuple[int, ...]) -> dict:
     """The load generator (runs in its own process): fixed concurrency, bounded time and request count."""
     import httpx
@@ -174,29 +150,16 @@ def generate_load(url: str, duration: float, concurrency: int, max_requests: int
 
 def measure_service(model: Exported, home: Path, args) -> dict:
     """Store the model as a Bento model, `harden serve` it, and load it from a second process."""
+    from harden.cli.serve import serve_in_background
     from harden.export import describe, store_bento
 
     tag = store_bento("bench-small-cnn", model.onnx_file, describe(model.loaded, model.export, {}, run_id="benchmark")).tag
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    log = open(home / "serve.log", "wb")  # noqa: SIM115 - closed in finally
-    server = subprocess.Popen([sys.executable, "-m", "harden.cli", "serve", tag, "--port", str(port)], cwd=home, env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_ready(url, server)
+    with serve_in_background(tag, cwd=home) as url:
         shape = ",".join(map(str, model.loaded.input_spec.shape))
         client = subprocess.run([sys.executable, __file__, "--load", url, "--shape", shape, "--duration", str(args.duration),
                                  "--concurrency", str(args.concurrency), "--max-requests", str(args.max_requests)],
                                 capture_output=True, text=True, timeout=args.duration + 120, check=True)
-        return {"tag": tag, **json.loads(client.stdout)}
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
+    return {"tag": tag, **json.loads(client.stdout)}
 
 
 def main() -> int:
@@ -218,6 +181,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="harden-bench-serve-") as tmp:
         home = Path(tmp)
         os.environ["BENTOML_HOME"] = str(home / "bentoml")  # before bentoml is imported
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])  # for the server
         import torch
 
         from harden.report import Report, Table, render_text

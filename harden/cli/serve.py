@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import socket
+import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Iterator, NoReturn
 
 import click
 
@@ -52,6 +57,46 @@ def serve_bento(tag: str, host: str, port: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, command, {**os.environ, MODEL_ENV: tag})
+
+
+@contextmanager
+def serve_in_background(model: str, *options: str, cwd: Path, timeout: float = 120.0) -> Iterator[str]:
+    """`harden serve MODEL` on a free loopback port in its own process group; yields the URL once ready.
+
+    For tests, benchmarks and notebooks. The server's output goes to `cwd/serve.log`;
+    the whole group (BentoML starts workers) is stopped when the block ends.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log_path = Path(cwd) / "serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "harden.cli", "serve", model, *options, "--port", str(port)],
+                                   cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while not _ready(url):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise HardenError(f"harden serve {model} did not start: {log_path.read_text()[-2000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def _ready(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 @click.command("serve")

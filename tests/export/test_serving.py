@@ -5,11 +5,7 @@ from __future__ import annotations
 import importlib
 import io
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +15,7 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from harden.cli.serve import find_bento
+from harden.cli.serve import find_bento, serve_in_background
 from harden.data import load_data, to_uint8_arrays
 from harden.errors import HardenError
 from harden.models import InputSpec
@@ -140,43 +136,12 @@ def test_find_bento_tells_tags_from_model_uris(exported):
         find_bento("no-such-model")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def served(exported, export_home):
+def served(exported, export_home, monkeypatch_module):
     """`harden serve MODEL` in a child process: exports models:/export-demo/1 again, then `bentoml serve`."""
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    log = open(export_home / "serve.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen([sys.executable, "-m", "harden.cli", "serve", "models:/export-demo/1", "--bento", "served-demo",
-                                "--port", str(port)], cwd=export_home, env=env, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert process.poll() is None, (export_home / "serve.log").read_text()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("harden serve did not become ready:\n" + (export_home / "serve.log").read_text())
+    monkeypatch_module.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    with serve_in_background("models:/export-demo/1", "--bento", "served-demo", cwd=export_home) as url:
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
 
 
 def test_real_server_serves_the_exported_model(served, client, digits):
