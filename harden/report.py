@@ -112,6 +112,7 @@ def write_atomic(path: Path, text: str | bytes) -> None:
     try:
         with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports and models are meant to be read by others
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -49,8 +49,9 @@ def test_report_records_opset_file_hash_and_parity(exported):
     assert report["providers"] == ["CPUExecutionProvider"]
     assert report["bento_tag"].startswith("export-demo:")
     assert report["duration_s"] > 0
-    # Atomic write: the target directory holds the file and nothing half-written beside it.
+    # Atomic write: the target directory holds the file and nothing half-written beside it; others may read it.
     assert [p.name for p in exported.onnx_file.parent.iterdir()] == ["model.onnx"]
+    assert exported.onnx_file.stat().st_mode & 0o044 == 0o044
 
 
 def test_onnx_file_is_single_dynamic_batch_pixel_model(exported, demo_model):
