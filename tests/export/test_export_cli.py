@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from harden.data import load_data
-from harden.export import MAX_ABS_DIFF
+from harden.export import MAX_ABS_DIFF, label_value
 from harden.models import create_model, load_model
 
 K8S_LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
@@ -190,3 +190,19 @@ def test_digits_default_fits_any_input_size(export_home, harden_cli):
     report = json.loads(out)
     assert report["data"] == "digits" and report["input"]["shape"] == ["batch", 1, 28, 28]
 
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("models:/harden-demo/3", "harden-demo_3"),
+    ((0.485, 0.456, 0.406), "0.485_0.456_0.406"),
+    (["airplane", "automobile", "bird"], "airplane_automobile_bird"),
+    ("  ", "none"),
+    ("--weird value!--", "weird_value"),
+])
+def test_label_values_are_kubernetes_safe(value, expected):
+    assert label_value(value) == expected
+
+
+def test_long_label_values_are_truncated_to_valid_labels():
+    value = label_value([f"class number {i}" for i in range(100)])
+    assert len(value) <= 63 and K8S_LABEL_VALUE.match(value) and value.startswith("class_number_0_class")
