@@ -24,6 +24,7 @@ from harden.cli.export import run_export
 from harden.cli.options import CommandContext, common_options, data_options, model_options, open_model
 from harden.errors import EXIT_FINDINGS, HardenError
 from harden.export import check_bento_name
+from harden.export.bento import ONNX_FILE
 from harden.models import LoadedModel
 
 SERVICE = "serving.service:HardenedClassifier"
@@ -39,10 +40,13 @@ def find_bento(ref: str) -> str | None:
     if _MODEL_REF.search(ref) or Path(ref).expanduser().exists():
         return None
     try:
-        return str(bentoml.models.get(ref).tag)
+        model = bentoml.models.get(ref)
     except (NotFound, ValueError):
         store = os.environ.get("BENTOML_HOME", str(Path.home() / "bentoml"))
         raise HardenError(f"{ref!r} is neither a Bento model in {store} nor a model file or URI") from None
+    if "input_shape" not in model.info.metadata or not Path(model.path_of(ONNX_FILE)).is_file():
+        raise HardenError(f"Bento model {model.tag} was not stored by `harden export` (no {ONNX_FILE} and input shape)")
+    return str(model.tag)
 
 
 def bento_name_for(loaded: LoadedModel) -> str:

@@ -161,3 +161,12 @@ def test_real_server_serves_the_exported_model(served, client, digits):
 def test_serve_unknown_tag_fails_before_starting(harden_cli):
     code, _, err = harden_cli("serve", "no-such-model", "--port", "1")
     assert code == 2 and "neither a Bento model" in err
+
+
+def test_serve_refuses_bento_models_harden_did_not_store(export_home, harden_cli):
+    import bentoml
+
+    with bentoml.models.create("foreign-model", labels={"team": "other"}) as model:
+        (Path(model.path_of("weights.bin"))).write_bytes(b"\0")
+    code, _, err = harden_cli("serve", "foreign-model", "--port", "1")
+    assert code == 2 and "not stored by `harden export`" in err
