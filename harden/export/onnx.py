@@ -152,7 +152,7 @@ def export_onnx(
     opset: int | None = None,
     samples: int = 256,
     batch_size: int = 64,
-    device: torch.device = torch.device("cpu"),
+    device: str | torch.device = "cpu",
 ) -> Iterator[ExportResult]:
     """Export to a temporary `model.onnx`, check it and measure parity; the file lives while the block runs."""
     import onnx
@@ -176,7 +176,7 @@ def export_onnx(
         export_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        session = ort.InferenceSession(str(path), providers=ort_providers(device))
+        session = ort.InferenceSession(str(path), providers=ort_providers(torch.device(device)))
         images = _parity_images(data, samples)
         parity = [_parity(session, reference, images[:BATCH_1_SAMPLES], 1), _parity(session, reference, images, batch_size)]
         yield ExportResult(

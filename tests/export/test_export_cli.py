@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 
 import bentoml
 import mlflow
@@ -12,7 +13,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
