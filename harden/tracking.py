@@ -205,6 +205,50 @@ def set_version_tags(version: RegisteredVersion, tags: Mapping[str, Any]) -> Non
         client.set_model_version_tag(version.name, version.version, key, str(value))
 
 
+def version_tags(version: RegisteredVersion) -> dict[str, str]:
+    """The tags of a registered version (scan verdict, purification lineage, ...)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return dict(MlflowClient().get_model_version(version.name, version.version).tags)
+    except MlflowException as exc:
+        raise TrackingError(f"cannot read the tags of {version.uri}: {_first_line(exc)}") from None
+
+
+def log_onnx_model(
+    path: Path,
+    *,
+    input_name: str,
+    input_shape: tuple[int, int, int],
+    output_name: str,
+    num_classes: int,
+    metadata: Mapping[str, Any],
+    tags: Mapping[str, str],
+):
+    """Log an ONNX file as a run artifact and as an `mlflow.onnx` model with a dynamic-batch signature.
+
+    Single file (`save_as_external_data=False`), pip requirements given rather than
+    inferred (inference would load the model in a subprocess only to learn them).
+    """
+    import mlflow
+    import onnx
+    import onnxruntime
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    mlflow.log_artifact(str(path), artifact_path="export")
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape), input_name)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes), output_name)]),
+    )
+    return mlflow.onnx.log_model(
+        onnx.load(str(path)), name="onnx", signature=signature, save_as_external_data=False,
+        pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
+        metadata={"harden": dict(metadata)}, tags=dict(tags),
+    )
+
+
 def download(uri: str) -> tuple[Path, tempfile.TemporaryDirectory]:
     """Download a model's files (nothing is executed) into a temporary directory."""
     import mlflow

@@ -64,9 +64,9 @@ def cli() -> None:
 
 
 def _register_commands() -> None:
-    from harden.cli import demo, evaluate, listing, scan
+    from harden.cli import demo, evaluate, export, listing, scan, serve
 
-    for module in (demo, evaluate, listing, scan):
+    for module in (demo, evaluate, export, listing, scan, serve):
         cli.add_command(module.command)
 
 

@@ -103,15 +103,14 @@ def open_model(ctx: CommandContext, model: str, arch, num_classes, input_size, m
     return loaded
 
 
-def data_options(func: Callable[..., Any] | None = None, *, required: bool = True):
-    """--data (and --resize); `data_options(required=False)` for commands where data is optional."""
-
-    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        func = click.option("--resize", is_flag=True, help="Rescale array data whose size differs from the model's input.")(func)
-        return click.option("--data", "data", required=required,
-                            help="ImageFolder dir, .npz (x, y), torchvision:NAME:/root[:train|test], or digits.")(func)
-
-    return decorate(func) if func is not None else decorate
+def data_options(func: Callable[..., Any] | None = None, *, required: bool = True, default: str | None = None) -> Callable[..., Any]:
+    """--data and --resize. `@data_options` requires --data; `@data_options(required=False)` makes it
+    optional and `@data_options(default="digits")` gives it a default."""
+    if func is None:
+        return functools.partial(data_options, required=required, default=default)
+    func = click.option("--resize", is_flag=True, help="Rescale array data whose size differs from the model's input.")(func)
+    return click.option("--data", "data", required=required and default is None, default=default, show_default=default is not None,
+                        help="ImageFolder dir, .npz (x, y), torchvision:NAME:/root[:train|test], or digits.")(func)
 
 
 def report_options(func: Callable[..., Any]) -> Callable[..., Any]:
