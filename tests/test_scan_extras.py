@@ -91,3 +91,109 @@ def test_html_is_self_contained_and_escaped():
     assert "Scan &lt;of&gt; model" in page and "crashed &lt;b&gt;" in page and "&lt;x&gt;" in page
     assert 'class="status failed"' in page and 'class="status skipped"' in page
     assert "src=\"http" not in page and "<link" not in page  # nothing fetched from outside
+
+
+# ---------------------------------------------------------------- artifact safety
+
+import os
+import pickle
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from harden.models import ModelArtifact
+from harden.scan.artifact import ArtifactSafetyCheck
+from harden.scan.base import FAILED, PASSED, ScanContext
+
+
+def _context(path: Path, **kw) -> ScanContext:
+    fields = {"model": None, "data": None, "train_data": None, "task": "classifier", "device": torch.device("cpu")}
+    return ScanContext(artifact=ModelArtifact(str(path), path), **{**fields, **kw})
+
+
+def _scan_artifact(path: Path):
+    result = ArtifactSafetyCheck().run(_context(path))
+    json.dumps(result.details)  # JSON-serialisable
+    return result
+
+
+class _Payload:
+    """Unpickling this runs a command that creates `marker`: it must never execute."""
+
+    def __init__(self, func, marker: Path):
+        self.func, self.marker = func, marker
+
+    def __reduce__(self):
+        if self.func is eval:
+            return (eval, (f"open({str(self.marker)!r}, 'w')",))
+        if self.func is subprocess.call:
+            return (subprocess.call, (["touch", str(self.marker)],))
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _tiny_net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5)).eval()
+
+
+def test_mlflow_pt2_model_and_state_dict_pass(tmp_path):
+    import mlflow.pytorch
+
+    net = _tiny_net()
+    net(torch.zeros(2, 3, 8, 8))
+    mlflow.pytorch.save_model(net, str(tmp_path / "model"), input_example=np.zeros((2, 3, 8, 8), np.float32))
+    result = _scan_artifact(tmp_path / "model")
+    assert result.status == PASSED and not result.findings, result.message
+    assert result.details["files_scanned"] >= 5
+    assert any(".pt2:" in f for f in result.details["pickle_files"])  # looked inside the pt2 archive's nested torch.save zips
+    torch.save(net.state_dict(), tmp_path / "weights.pt")
+    result = _scan_artifact(tmp_path / "weights.pt")
+    assert result.status == PASSED and not result.findings and result.details["globals"]["innocuous"] > 0
+
+
+def test_mlflow_pickle_format_is_flagged_but_passes(tmp_path):
+    import mlflow.pytorch
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+    mlflow.pytorch.save_model(net, str(tmp_path / "model"), serialization_format="pickle")
+    result = _scan_artifact(tmp_path / "model")
+    assert result.status == PASSED and result.details["mlflow_pickle_format"] is True
+    assert "harden.artifact.pickle-format" in {f.rule_id for f in result.findings}
+    assert all(f.level == "warning" for f in result.findings)
+
+
+@pytest.mark.parametrize("func,filename", [(os.system, "evil.pth"), (subprocess.call, "evil.joblib"), (eval, "evil.pkl")])
+def test_dangerous_payloads_fail_and_never_execute(tmp_path, func, filename):
+    import joblib
+
+    marker = tmp_path / "pwned"
+    payload = {"weights": torch.zeros(2), "payload": _Payload(func, marker)}
+    path = tmp_path / "artifact" / filename
+    path.parent.mkdir()
+    if filename.endswith(".pth"):
+        torch.save(payload, path)
+    elif filename.endswith(".joblib"):
+        joblib.dump(_Payload(func, marker), path)
+    else:
+        path.write_bytes(pickle.dumps(_Payload(func, marker)))
+    (path.parent / "README.md").write_text("a harmless text file beside the checkpoint\n")
+    result = _scan_artifact(path.parent)
+    assert result.status == FAILED
+    unsafe = [f for f in result.findings if f.rule_id == "harden.artifact.unsafe-pickle"]
+    assert unsafe and all(f.level == "error" and f.security_severity == 9.8 for f in unsafe)
+    assert filename in unsafe[0].message
+    expected = {os.system: "system", subprocess.call: "subprocess.call", eval: "builtins.eval"}[func]
+    assert expected in unsafe[0].message and result.details["globals"]["dangerous"]
+    assert result.details["files_scanned"] == 2
+    assert not marker.exists()
+
+
+def test_corrupt_pickle_fails_closed(tmp_path):
+    (tmp_path / "model.pkl").write_bytes(pickle.dumps({"weights": [1.0, 2.0]})[:-4])
+    result = _scan_artifact(tmp_path / "model.pkl")
+    assert result.status == FAILED and result.details["parse_errors"]
+    assert result.findings[0].rule_id == "harden.artifact.unsafe-pickle"
+    (tmp_path / "ok.pkl").write_bytes(pickle.dumps({"weights": [1.0, 2.0]}))
+    assert _scan_artifact(tmp_path / "ok.pkl").status == PASSED
