@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 import io
 import json
 import xml.etree.ElementTree as ET
@@ -197,3 +198,84 @@ def test_corrupt_pickle_fails_closed(tmp_path):
     assert result.findings[0].rule_id == "harden.artifact.unsafe-pickle"
     (tmp_path / "ok.pkl").write_bytes(pickle.dumps({"weights": [1.0, 2.0]}))
     assert _scan_artifact(tmp_path / "ok.pkl").status == PASSED
+
+
+# ---------------------------------------------------------------- sensitivity (D-BR FCT separation)
+
+from harden.attacks import Attack, PoisonedDataset
+from harden.data import TensorDataset, load_data, make_loader, split
+from harden.models import InputSpec, LoadedModel, PixelModel, create_model
+from harden.scan.sensitivity import SensitivityCheck, SensitivityConfig, model_features, rotate_translate
+from harden.training import TrainConfig, fit
+
+
+def _materialise(dataset) -> TensorDataset:
+    images, labels = zip(*make_loader(dataset, 512))
+    return TensorDataset(torch.cat(images), torch.cat(labels).numpy())
+
+
+@pytest.fixture(scope="module")
+def poisoned_digits():
+    """A SmallCNN trained on digits with 10 % BadNets poisoning (target 0), plus held-out clean digits."""
+    train, clean = split(load_data("digits", InputSpec(3, 32, 32)), [0.8, 0.2], seed=0)
+    poisoned = PoisonedDataset(train, Attack("grid_paste", target=0, num_classes=10), rate=0.1, seed=0)
+    suspect = _materialise(poisoned)
+    torch.manual_seed(0)
+    net = create_model("small_cnn", num_classes=10, width=16)
+    fit(net, suspect, TrainConfig(epochs=4, lr=3e-3, batch_size=64), description="poisoned digits")
+    model = LoadedModel(PixelModel(net).eval(), "test:poisoned-digits", "state_dict", 10, InputSpec(3, 32, 32))
+    return model, suspect, _materialise(clean), poisoned.poisoned
+
+
+def _precision_recall(flagged: list[int], truth: np.ndarray) -> tuple[float, float]:
+    hits = len(set(flagged) & set(truth.tolist()))
+    return hits / max(len(flagged), 1), hits / len(truth)
+
+
+def test_sensitivity_separates_poisoned_samples(poisoned_digits, tmp_path):
+    model, suspect, clean, truth = poisoned_digits
+    rate = len(truth) / len(suspect)
+    ctx = _context(tmp_path, model=model, data=clean, train_data=suspect, workdir=tmp_path / "work")
+    result = SensitivityCheck().run(ctx)
+    json.dumps(result.details)
+    separation = json.loads(Path(result.details["separation_path"]).read_text())
+    assert separation["schema"] == "harden.separation/1" and separation["calibration"] == "clean-data"
+    assert len(separation["scores"]) == len(suspect) == separation["num_samples"]
+    ids = separation["clean"] + separation["poisoned"] + separation["uncertain"]
+    assert sorted(ids) == list(range(len(suspect)))  # a partition by stable sample id
+    precision, recall = _precision_recall(separation["poisoned"], truth)
+    clean_poison_share = len(set(separation["clean"]) & set(truth.tolist())) / len(separation["clean"])
+    print(f"calibrated: flagged {len(separation['poisoned'])}, precision {precision:.2f}, recall {recall:.2f}, "
+          f"poison in clean set {clean_poison_share:.3f} (rate {rate:.3f})")
+    assert precision > 3 * rate and recall > 0.4
+    assert clean_poison_share < rate / 3  # the relearning set is cleaner than the data
+    assert result.status == "passed" and result.findings and result.findings[0].properties["label"] == 0
+    assert result.details["top_label"] == 0
+
+    budget = SensitivityCheck().run(_context(tmp_path, model=model, train_data=suspect))  # no clean data, no workdir
+    record = budget.details["separation"]
+    assert record["calibration"] == "budget" and len(record["poisoned"]) == int(0.05 * len(suspect))
+    precision, recall = _precision_recall(record["poisoned"], truth)
+    print(f"budget: precision {precision:.2f}, recall {recall:.2f}")
+    assert precision > 3 * rate
+
+
+def test_rotate_translate_and_feature_choice():
+    images = torch.zeros(2, 1, 8, 8)
+    images[:, :, 0, 0] = 1.0
+    same = rotate_translate(images, torch.zeros(2), torch.zeros(2, 2))
+    assert torch.equal(same, images)
+    shifted = rotate_translate(images, torch.zeros(2), torch.tensor([[0.25, 0.0], [0.0, 0.25]]))
+    assert shifted[0, 0, 0, 2] == 1 and shifted[1, 0, 2, 0] == 1  # 2 px right / down
+    turned = rotate_translate(images, torch.full((2,), math.pi), torch.zeros(2, 2))
+    assert turned[0, 0, 7, 7] == 1
+    net = create_model("small_cnn", num_classes=4, width=8).eval()
+    module = PixelModel(net)
+    with model_features(module, "penultimate") as (kind, features):
+        assert kind == "penultimate" and features(torch.rand(3, 3, 32, 32)).shape == (3, 16)
+    assert not net.fc._forward_hooks  # the hook is removed afterwards
+    exported = torch.export.export(net, (torch.rand(2, 3, 32, 32),)).module()
+    with model_features(PixelModel(exported), "penultimate") as (kind, features):
+        assert kind == "softmax" and torch.allclose(features(torch.rand(2, 3, 32, 32)).sum(1), torch.ones(2))
+    with pytest.raises(ValueError, match="unknown sensitivity options"):
+        SensitivityConfig.from_options({"sensitivity": {"rotaton": 5}})
