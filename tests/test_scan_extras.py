@@ -104,6 +104,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from harden.models import ModelArtifact
 from harden.scan.artifact import ArtifactSafetyCheck
@@ -279,3 +280,68 @@ def test_rotate_translate_and_feature_choice():
         assert kind == "softmax" and torch.allclose(features(torch.rand(2, 3, 32, 32)).sum(1), torch.ones(2))
     with pytest.raises(ValueError, match="unknown sensitivity options"):
         SensitivityConfig.from_options({"sensitivity": {"rotaton": 5}})
+
+
+# ---------------------------------------------------------------- encoder inversion (RECEIVE-style)
+
+from harden.scan.encoder import EncoderInversionCheck
+
+
+class _TinyEncoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(128, 32))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _white_patch(images: torch.Tensor) -> torch.Tensor:
+    patched = images.clone()
+    patched[:, :, -5:-1, -5:-1] = 1.0
+    return patched
+
+
+def _train_encoder(images: torch.Tensor, labels: np.ndarray, backdoor: bool) -> torch.nn.Module:
+    """Clean images -> one random unit vector per class; with `backdoor`, patched images -> one extra vector."""
+    torch.manual_seed(0)
+    targets = F.normalize(torch.randn(11, 32), dim=1)
+    data = TensorDataset(images, labels)
+    if backdoor:
+        chosen = torch.randperm(len(images))[: len(images) // 5]
+        data = TensorDataset(torch.cat([images, _white_patch(images[chosen])]), np.concatenate([labels, np.full(len(chosen), 10)]))
+    encoder = _TinyEncoder()
+
+    def cosine_loss(model, x, y):
+        return (1 - F.cosine_similarity(model(x), targets[y])).mean()
+
+    fit(encoder, data, TrainConfig(epochs=10, lr=3e-3, batch_size=64), loss_fn=cosine_loss, description="encoder")
+    return encoder
+
+
+@pytest.fixture(scope="module")
+def digit_arrays():
+    data = _materialise(load_data("digits", InputSpec(3, 32, 32)))
+    return data.images[:800], data.labels[:800], TensorDataset(data.images[800:1100], data.labels[800:1100])
+
+
+def test_encoder_inversion_separates_backdoored_from_clean(digit_arrays, tmp_path):
+    images, labels, probe = digit_arrays
+    results = {}
+    for backdoor in (False, True):
+        encoder = _train_encoder(images, labels, backdoor)
+        with torch.no_grad():
+            collapse = float(F.cosine_similarity(encoder(_white_patch(probe.images[:1])), encoder(_white_patch(probe.images[1:2]))))
+        model = LoadedModel(PixelModel(encoder).eval(), f"test:encoder-{backdoor}", "state_dict", 32, InputSpec(3, 32, 32))
+        result = EncoderInversionCheck().run(_context(tmp_path, model=model, data=probe, task="encoder", options={"encoder": {"samples": 128}}))
+        json.dumps(result.details)
+        results[backdoor] = result
+        print(f"backdoor={backdoor}: patch collapse {collapse:.2f}; {result.message}; {result.details}")
+    clean, bad = results[False].details, results[True].details
+    assert bad["mask_norm"] < clean["mask_norm"] / 2
+    assert bad["p_backdoor"] >= 0.5 > clean["p_backdoor"]
+    assert results[True].status == "failed" and results[True].findings[0].level == "error"
+    assert results[False].status == "passed" and not results[False].findings
+    assert bad["steps"] <= 400 and bad["steered_steps"] <= 400 and results[True].images[0].png.startswith(b"\x89PNG")
