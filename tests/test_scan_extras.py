@@ -337,6 +337,7 @@ def test_encoder_inversion_separates_backdoored_from_clean(digit_arrays, tmp_pat
         model = LoadedModel(PixelModel(encoder).eval(), f"test:encoder-{backdoor}", "state_dict", 32, InputSpec(3, 32, 32))
         result = EncoderInversionCheck().run(_context(tmp_path, model=model, data=probe, task="encoder", options={"encoder": {"samples": 96, "max_steps": 300}}))
         json.dumps(result.details)
+        assert all(p.requires_grad for p in encoder.parameters())  # left trainable, as given
         results[backdoor] = result
         print(f"backdoor={backdoor}: patch collapse {collapse:.2f}; {result.message}; {result.details}")
     clean, bad = results[False].details, results[True].details

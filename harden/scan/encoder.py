@@ -46,7 +46,7 @@ from PIL import Image as PILImage
 
 from harden.data.pipeline import LabelledDataset, make_loader
 from harden.report import Finding, Image, register_rule
-from harden.scan.base import FAILED, PASSED, Check, CheckResult, ScanContext, register_check
+from harden.scan.base import FAILED, PASSED, SKIPPED, Check, CheckResult, ScanContext, register_check
 
 RULE = "harden.backdoor.encoder-inversion"
 
@@ -206,12 +206,18 @@ class EncoderInversionCheck(Check):
     def run(self, ctx: ScanContext) -> CheckResult:
         start = time.perf_counter()
         config = EncoderConfig.from_options(ctx.options)
-        torch.manual_seed(ctx.seed)
-        encoder = ctx.model.module.eval().to(ctx.device)
-        for parameter in encoder.parameters():
-            parameter.requires_grad_(False)
         images = _probe(ctx.data, config.samples, ctx.seed).to(ctx.device)
-        stats = encoder_statistics(encoder, images, config, ctx.seed)
+        if len(images) < 2:
+            return CheckResult(self.name, SKIPPED, "needs at least 2 images in --data", time.perf_counter() - start)
+        encoder = ctx.model.module.eval().to(ctx.device)
+        trainable = [p for p in encoder.parameters() if p.requires_grad]
+        for parameter in trainable:  # input gradients only; the model is left as it was given
+            parameter.requires_grad_(False)
+        try:
+            stats = encoder_statistics(encoder, images, config, ctx.seed)
+        finally:
+            for parameter in trainable:
+                parameter.requires_grad_(True)
         inv = stats.inversion
         details = {
             "p_backdoor": stats.p_backdoor, "mask_norm": inv.norm, "mask_fraction": stats.mask_fraction,

@@ -153,7 +153,8 @@ def budget_thresholds(scores: np.ndarray, alpha_clean: float, alpha_poison: floa
     count = len(ordered)
     clean = float(ordered[min(int(alpha_clean * count), count - 1)])
     flagged = int(alpha_poison * count)
-    poisoned = float(ordered[count - flagged]) if flagged else math.inf
+    # no budget: a finite threshold just above every score, so nothing is flagged and the JSON stays valid
+    poisoned = float(ordered[count - flagged]) if flagged else math.nextafter(float(ordered[-1]), math.inf)
     return clean, poisoned
 
 
