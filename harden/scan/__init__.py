@@ -24,7 +24,10 @@ from harden.errors import EXIT_ERROR, EXIT_FINDINGS, EXIT_NOTHING_SCANNABLE, EXI
 from harden.models import ModelArtifact, fetch_model, load_model
 from harden.report import Image, Report, Table
 from harden.runtime import measure
-from harden.scan import classifier as _classifier  # noqa: F401  (registers the inversion check)
+from harden.scan import artifact as _artifact  # noqa: F401  (each import registers a check, in run order)
+from harden.scan import classifier as _classifier  # noqa: F401
+from harden.scan import encoder as _encoder  # noqa: F401
+from harden.scan import sensitivity as _sensitivity  # noqa: F401
 from harden.scan.base import CHECKS, ERROR, FAILED, SKIPPED, CheckResult, ScanContext
 
 VERDICTS = ("clean", "backdoor", "unsafe_artifact", "inconclusive")
