@@ -2,10 +2,11 @@
 
 Builds (or re-uses) the zoo of benchmarks/zoo.py, scans every model through the real
 `harden.scan.scan` pipeline (safetensors + --arch, defender's clean set as .npz), then:
-- `--fit`: fits the logistic calibration on the zoo's `fit` split and writes
+- `--fit`: fits the logistic calibration on the whole zoo and writes
   harden/scan/calibration.json (with the held-out metrics recorded in it);
-- reports per model: true label, p_backdoor, verdict, seconds, peak memory;
-- reports over the held-out split: AUC, TrojAI cross-entropy (bar 0.3465, random 0.693),
+- reports per model: true label, held-out p_backdoor and verdict (leave-one-out: each
+  model scored by a calibration fitted without it), seconds, steps, peak memory;
+- reports over the zoo, held out: AUC, TrojAI cross-entropy (bar 0.3465, random 0.693),
   false positives on clean models;
 - `--baseline N`: runs a plain Neural Cleanse (per-class loop, fixed 300 steps, same probe
   set, MAD anomaly index > 2) side by side on N held-out models: time and verdicts.
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).parent))
 from zoo import ZOO_DIR, load_zoo, zoo_data  # noqa: E402
@@ -56,20 +58,22 @@ def _scan_all(zoo, clean_npz: Path, rescan: bool) -> dict:
     return cached
 
 
-def _baseline(entries, clean, stats) -> list[list]:
+def _baseline(entries, clean, cal) -> list[list]:
+    """Plain NC and harden's inversion on the same probe set, timed back to back per model."""
     images, labels = probe_set(clean, 10, 0)
     rows = []
     for entry in entries:
         model = load_model(entry.path, arch=entry.arch)
-        start = time.perf_counter()
-        plain = invert_triggers(model.module, images, labels, 10, InversionConfig.plain_neural_cleanse(300))
-        seconds = time.perf_counter() - start
+        runs = {}
+        for name, config in (("nc", InversionConfig.plain_neural_cleanse(300)), ("harden", InversionConfig())):
+            start = time.perf_counter()
+            runs[name] = (invert_triggers(model.module, images, labels, 10, config), time.perf_counter() - start)
+        (plain, nc_s), (ours, ours_s) = runs["nc"], runs["harden"]
         index = max(c.anomaly_index for c in plain.classes)
-        ours = stats[entry.name]
-        p = calibration.Calibration.load().probability(ours["statistics"])
+        p = cal.probability(ours.statistics)
         rows.append([entry.name, "backdoor" if entry.backdoored else "clean", round(index, 2), "backdoor" if index > 2 else "clean",
-                     plain.total_steps, round(seconds, 1), round(p, 3), "backdoor" if p >= 0.5 else "clean", ours["steps"],
-                     round(ours["seconds"], 1), round(seconds / ours["seconds"], 2)])
+                     plain.total_steps, round(nc_s, 1), round(p, 3), "backdoor" if p >= 0.5 else "clean", ours.total_steps,
+                     round(ours_s, 1), round(nc_s / ours_s, 2)])
     return rows
 
 
@@ -77,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fit", action="store_true", help="fit and write harden/scan/calibration.json")
     parser.add_argument("--rescan", action="store_true", help="ignore cached scan statistics")
-    parser.add_argument("--baseline", type=int, default=0, help="held-out models to compare with plain Neural Cleanse")
+    parser.add_argument("--baseline", type=int, default=0, help="models of the zoo's holdout split to compare with plain Neural Cleanse")
     args = parser.parse_args()
     torch.set_num_threads(2)
     zoo = load_zoo()
@@ -87,37 +91,35 @@ def main() -> None:
         x, y = to_uint8_arrays(clean)
         np.savez(clean_npz, x=x, y=y)
         stats = _scan_all(zoo, clean_npz, args.rescan)
-    fit_set = [e for e in zoo if e.split == "fit"]
-    holdout = [e for e in zoo if e.split == "holdout"]
+    rows_stats = [stats[e.name]["statistics"] for e in zoo]
+    labels = [int(e.backdoored) for e in zoo]
     if args.fit:
-        fitted = calibration.fit([stats[e.name]["statistics"] for e in fit_set], [int(e.backdoored) for e in fit_set],
-                                 f"benchmarks/scan.py --fit on {len(fit_set)} zoo models ({sum(e.backdoored for e in fit_set)} backdoored)")
-        fitted.save()
+        calibration.fit(rows_stats, labels, f"benchmarks/scan.py --fit on {len(zoo)} zoo models ({sum(labels)} backdoored)").save()
     cal = calibration.Calibration.load()
-    rows, probs, labels = [], [], []
-    for entry in zoo:
+    held_out = calibration.leave_one_out(rows_stats, labels)
+    rows = []
+    for entry, p_loo in zip(zoo, held_out):
         p = cal.probability(stats[entry.name]["statistics"])
-        rows.append([entry.name, entry.split, "backdoor" if entry.backdoored else "clean", entry.target, round(p, 3),
-                     "backdoor" if p >= 0.5 else "clean", stats[entry.name]["suspects"][:1], round(stats[entry.name]["seconds"], 1),
-                     round(stats[entry.name]["peak_memory_mb"])])
-        if entry.split == "holdout":
-            probs.append(p)
-            labels.append(int(entry.backdoored))
-    clean_fp = sum(1 for p, y in zip(probs, labels) if y == 0 and p >= 0.5)
-    summary = {"holdout_models": len(labels), "holdout_backdoored": sum(labels), "auc": calibration.auc(probs, labels),
-               "cross_entropy": calibration.cross_entropy(probs, labels), "false_positives_on_clean": clean_fp,
-               "missed_backdoors": sum(1 for p, y in zip(probs, labels) if y == 1 and p < 0.5)}
+        rows.append([entry.name, "backdoor" if entry.backdoored else "clean", entry.target, round(p_loo, 3),
+                     "backdoor" if p_loo >= 0.5 else "clean", round(p, 3), round(stats[entry.name]["seconds"], 1),
+                     stats[entry.name]["steps"], round(stats[entry.name]["peak_memory_mb"])])
+    summary = {"models": len(labels), "backdoored": sum(labels), "auc": calibration.auc(held_out, labels),
+               "cross_entropy": calibration.cross_entropy(held_out, labels),
+               "false_positives_on_clean": sum(1 for p, y in zip(held_out, labels) if y == 0 and p >= 0.5),
+               "missed_backdoors": sum(1 for p, y in zip(held_out, labels) if y == 1 and p < 0.5),
+               "median_scan_s": float(np.median([stats[e.name]["seconds"] for e in zoo]))}
     if args.fit:
-        cal.holdout = summary
+        cal.holdout = {"method": "leave-one-out", **summary}
         cal.save()
-    tables = [Table("per model", ["model", "split", "truth", "target", "p_backdoor", "verdict", "top suspect", "seconds", "peak MB"], rows),
-              Table("held-out calibration", ["metric", "value"], [[k, v] for k, v in summary.items()])]
+    tables = [Table("per model (p held out = leave-one-out)", ["model", "truth", "target", "p held out", "verdict", "p shipped", "seconds", "steps", "peak MB"], rows),
+              Table("held-out calibration (leave-one-out)", ["metric", "value"], [[k, v] for k, v in summary.items()])]
     if args.baseline:
+        holdout = [e for e in zoo if e.split == "holdout"]
         picks = [e for e in holdout if e.backdoored][: args.baseline - args.baseline // 3] + [e for e in holdout if not e.backdoored][: args.baseline // 3]
         tables.append(Table("side by side: plain Neural Cleanse (300 steps/class, MAD>2) vs harden scan",
                             ["model", "truth", "NC index", "NC verdict", "NC steps", "NC s", "harden p", "harden verdict", "harden steps", "harden s", "speed-up"],
-                            _baseline(picks, clean, stats)))
-    emit(Report("harden.bench.scan/1", "harden scan benchmark (digits 3x32x32, CPU)", summary, tables), "text")
+                            _baseline(picks, clean, cal)))
+    emit(Report("harden.bench.scan/1", "harden scan benchmark (digits 3x32x32, CPU)", summary, tables), "text", console=Console(width=200))
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

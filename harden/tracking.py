@@ -109,6 +109,21 @@ def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _experiment_id() -> str:
+    """The experiment of harden's runs, looked up in the *current* store every time.
+
+    (mlflow.set_experiment caches the active experiment process-wide, which goes stale
+    when a process talks to more than one store.)"""
+    from mlflow.tracking import MlflowClient
+
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
 @contextmanager
 def command_run(command: str, source_uri: str | None, params: Mapping[str, Any] | None = None) -> Iterator[Any]:
     """Open the one MLflow run of a command; the run is marked FAILED if the block raises."""
@@ -119,10 +134,7 @@ def command_run(command: str, source_uri: str | None, params: Mapping[str, Any] 
     if source_uri:
         tags["harden.source_model_uri"] = source_uri
     try:
-        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-        if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
-            mlflow.set_experiment(experiment)
-        run = mlflow.start_run(run_name=f"{command} {source_uri or ''}".strip(), tags=tags)
+        run = mlflow.start_run(experiment_id=_experiment_id(), run_name=f"{command} {source_uri or ''}".strip(), tags=tags)
     except MlflowException as exc:
         raise TrackingError(f"cannot open an MLflow run: {_first_line(exc)}") from None
     with run:

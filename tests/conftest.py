@@ -37,7 +37,7 @@ def demo(mlflow_home, tmp_path_factory):
     return run_demo(tmp_path_factory.mktemp("demo-data"), epochs=12, seed=0)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_cli(mlflow_home):
     """Invoke the CLI in-process and return (exit_code, stdout, stderr)."""
     runner = CliRunner()

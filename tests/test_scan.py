@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from harden.models import create_model
+from harden.models import InputSpec, create_model
 from harden.scan import VERDICTS, combine, scan
 from harden.scan.base import ERROR, FAILED, PASSED, SKIPPED, CheckResult
 from harden.scan.inversion import InversionConfig, invert_triggers, mad_anomaly
@@ -19,13 +19,18 @@ from tests.conftest import CustomNet
 
 @pytest.fixture(scope="module")
 def demo_scan(demo, run_cli, tmp_path_factory):
-    out = tmp_path_factory.mktemp("scan") / "scan.json"
-    code, _, err = run_cli("scan", "models:/harden-demo@candidate", "--data", demo.data_dir / "clean.npz", "--format", "json", "--output", out, "-q")
-    return code, json.loads(out.read_text()), err
+    """One real CLI scan of the demo model: SARIF to --output, JSON and HTML from the MLflow run."""
+    out = tmp_path_factory.mktemp("scan")
+    code, _, err = run_cli("scan", "models:/harden-demo@candidate", "--data", demo.data_dir / "clean.npz", "--format", "sarif",
+                           "--output", out / "scan.sarif", "--sarif-location", "deploy/model.yaml", "-q")
+    version = mlflow.tracking.MlflowClient().get_model_version("harden-demo", demo.version.version)
+    reports = mlflow.artifacts.download_artifacts(run_id=version.tags["harden.scan.run_id"], artifact_path="reports", dst_path=str(out))
+    report = json.loads((out / "reports" / "scan.json").read_text())
+    return code, report, err, json.loads((out / "scan.sarif").read_text()), (out / "reports" / "scan.html").read_text()
 
 
 def test_demo_model_is_flagged_with_its_true_target(demo, demo_scan):
-    code, report, err = demo_scan
+    code, report, err, _, _ = demo_scan
     assert code == 1, err
     assert report["schema"] == "harden.scan/1"
     assert report["verdict"] == "backdoor" and report["p_backdoor"] >= 0.5
@@ -38,7 +43,7 @@ def test_demo_model_is_flagged_with_its_true_target(demo, demo_scan):
 
 
 def test_scan_sets_version_tags_and_logs_artifacts(demo, demo_scan):
-    _, report, _ = demo_scan
+    _, report, _, _, _ = demo_scan
     version = mlflow.tracking.MlflowClient().get_model_version("harden-demo", demo.version.version)
     assert version.tags["harden.scan.verdict"] == "backdoor"
     assert float(version.tags["harden.scan.p_backdoor"]) == pytest.approx(report["p_backdoor"], abs=1e-4)
@@ -50,6 +55,19 @@ def test_scan_sets_version_tags_and_logs_artifacts(demo, demo_scan):
     assert {"reports", "images", "scan"} <= artifacts
     images = [a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run_id, "images")]
     assert any("anomaly-chart" in p for p in images) and any("reversed-trigger" in p for p in images)
+
+
+def test_scan_sarif_and_html_outputs(demo, demo_scan):
+    _, report, _, sarif, html = demo_scan
+    assert sarif["version"] == "2.1.0"
+    results = sarif["runs"][0]["results"]
+    assert [r["ruleId"] for r in results] == ["harden.backdoor.trigger-inversion"]
+    location = results[0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+    assert location == "deploy/model.yaml"
+    rules = {r["id"]: r for r in sarif["runs"][0]["tool"]["driver"]["rules"]}
+    assert float(rules["harden.backdoor.trigger-inversion"]["properties"]["security-severity"]) >= 7
+    assert html.count("data:image/png;base64,") >= 2  # anomaly chart and the suspect class's trigger
+    assert "reversed trigger toward class 0" in html
 
 
 @pytest.fixture(scope="module")
@@ -122,15 +140,41 @@ class PatchBackdoor(torch.nn.Module):
     def forward(self, x):
         mean = x.mean((1, 2, 3))
         logits = torch.stack([-((4 * mean - (k + 0.5)) ** 2) * 10 for k in range(4)], 1)
-        bump = 100 * torch.relu(x[:, :, 0, 0].mean(1) - 0.9)
+        bump = 40 * x[:, :, 0, 0].mean(1)  # clean images keep this pixel black
         return logits + torch.nn.functional.one_hot(torch.tensor(2), 4).float() * bump[:, None]
 
 
 def test_inversion_finds_a_planted_one_pixel_trigger():
+    torch.manual_seed(0)
     labels = torch.arange(40) % 4
     images = ((labels.float() + 0.5) / 4).view(-1, 1, 1, 1).expand(-1, 3, 8, 8) + 0.02 * torch.randn(40, 3, 8, 8)
+    images[:, :, 0, 0] = 0.0
     config = InversionConfig(probe_per_class=10, max_steps=150, warmup_steps=20, keep_fraction=1.0, margin_steps=10)
     result = invert_triggers(PatchBackdoor(), images.clamp(0, 1), labels, 4, config)
     norms = [c.norm for c in result.classes]
-    assert int(np.argmin(norms)) == 2 and norms[2] < 0.6 * sorted(norms)[1], norms
+    assert int(np.argmin(norms)) == 2 and norms[2] < 0.25 * sorted(norms)[1], norms
     assert result.classes[2].asr >= 0.9
+
+
+def test_sensitivity_separation_is_logged_for_purify(demo, run_cli, tmp_path):
+    """--train-data runs the D-BR sensitivity test on the demo's own (poisoned) training set;
+    the separation lands in the scan's MLflow run for purify. (Budget thresholds: no --data.)"""
+    from harden.attacks import Attack, PoisonedDataset
+    from harden.data import load_data, split, to_uint8_arrays
+
+    train, _, _ = split(load_data("digits", InputSpec(3, 32, 32), num_classes=10), [0.7, 0.15, 0.15], seed=0)
+    poisoned = PoisonedDataset(train, Attack(demo.trigger, target=demo.target, num_classes=10), rate=0.1, seed=0)  # as run_demo did
+    x, y = to_uint8_arrays(poisoned)
+    np.savez(tmp_path / "suspect.npz", x=x, y=y)
+    code, out, err = run_cli("scan", demo.model_uri, "--train-data", tmp_path / "suspect.npz",
+                             "--checks", "sensitivity", "--format", "json", "-q")
+    report = json.loads(out)
+    check = report["checks"][0]
+    assert check["name"] == "sensitivity" and check["status"] in (PASSED, FAILED), err
+    assert check["details"]["separation_path"] == f"runs:/{report['run_id']}/scan/separation.json"
+    separation = json.loads(mlflow.artifacts.load_text(check["details"]["separation_path"]))
+    assert separation["schema"] == "harden.separation/1" and separation["num_samples"] == len(y)
+    flagged = set(separation["poisoned"])
+    truth = set(poisoned.poisoned.tolist())
+    share = len(truth) / len(y)  # 9% of the training set is poisoned
+    assert flagged and len(flagged & truth) / len(flagged) > 3 * share, (len(flagged), len(flagged & truth))

@@ -109,7 +109,9 @@ def data_options(func: Callable[..., Any] | None = None, *, required: bool = Tru
     if func is None:
         return functools.partial(data_options, required=required, default=default)
     func = click.option("--resize", is_flag=True, help="Rescale array data whose size differs from the model's input.")(func)
-    return click.option("--data", "data", required=required and default is None, default=default, show_default=default is not None,
+    # click 8.3+ treats an explicit default=None as a value, which would defeat required=True.
+    extra = {"default": default, "show_default": True} if default is not None else {}
+    return click.option("--data", "data", required=required and default is None, **extra,
                         help="ImageFolder dir, .npz (x, y), torchvision:NAME:/root[:train|test], or digits.")(func)
 
 

@@ -146,7 +146,7 @@ def scan(
     if unknown:
         raise HardenError(f"unknown check(s) {', '.join(unknown)}; known: {', '.join(CHECKS)}")
     device = torch.device(device)
-    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="harden-scan-"))
+    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="harden-scan-"))  # library callers keep the files
     with measure(device) as cost:
         artifact = model if isinstance(model, ModelArtifact) else fetch_model(model)
         ctx = ScanContext(artifact, None, None, None, task, device, seed, options or {}, workdir)

@@ -9,10 +9,19 @@ import numpy as np
 import torch
 
 from harden.data.pipeline import LabelledDataset
-from harden.report import Finding, Image
+from harden.report import Finding, Image, register_rule
 from harden.scan.base import FAILED, PASSED, Check, CheckResult, ScanContext, register_check
 from harden.scan.inversion import ClassTrigger, InversionConfig, invert_triggers
 from harden.scan.verdict import THRESHOLD, Calibration
+
+
+RULE = "harden.backdoor.trigger-inversion"
+register_rule(
+    RULE, "Classifier behaves as if backdoored",
+    "Trigger inversion found a class that a much smaller input patch or pattern reaches than any other class, and/or an "
+    "abnormally large reachable logit margin; the calibrated probability of a backdoor is above the threshold.",
+    "Do not promote this version. Inspect the reversed trigger in the HTML report, then run `harden purify` and re-scan.",
+)
 
 
 def probe_set(data: LabelledDataset, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +104,7 @@ class TriggerInversionCheck(Check):
         if suspects:
             top = result.classes[suspects[0]]
             findings.append(Finding(
-                "harden.backdoor.trigger-inversion", "error",
+                RULE, "error",
                 f"backdoor suspected (p_backdoor {p_backdoor:.2f}): class {top.target} is reachable with a trigger of "
                 f"L1 norm {top.norm:.1f} (reversed-trigger ASR {top.asr:.2f})",
                 security_severity=8.8,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -108,7 +109,7 @@ class _ClassState:
         self.optimizer = torch.optim.Adam([self.theta_m, self.theta_p], lr=config.lr, betas=(0.5, 0.9))
         self.cost = config.init_cost
         self.ups = self.downs = 0
-        self.cost_lowered = False  # NC's rule: stop only after the cost schedule found the boundary
+        self.cost_lowered = False  # NC's rule: stop only once the cost schedule has crossed the boundary after a success
         self.best_norm = math.inf
         self.best: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_norm = math.inf
@@ -123,23 +124,28 @@ class _ClassState:
     def pattern(self) -> torch.Tensor:
         return torch.tanh(self.theta_p) / _TANH_SCALE + 0.5
 
-    def record(self, asr: float, norm: float, config: InversionConfig) -> None:
+    def record(self, asr: float, norm: float, config: InversionConfig, verify: "Callable[[torch.Tensor, torch.Tensor], float]") -> None:
+        """Update the cost schedule; keep a new best only if it also succeeds on the whole pool.
+
+        A minibatch success alone lets the mask shrink onto a few lucky images; checking
+        the class's full probe pool keeps the reversed trigger one that generalises."""
         self.steps += 1
         self.last_norm = norm
         if asr >= config.success_asr:
             self.ups, self.downs = self.ups + 1, 0
-            if norm < self.best_norm * (1 - config.early_stop_tol):
-                self.last_improvement = self.steps
             if norm < self.best_norm:
-                self.best_norm = norm
-                self.best = (self.mask().detach().clone(), self.pattern().detach().clone())
+                mask, pattern = self.mask().detach().clone(), self.pattern().detach().clone()
+                if verify(mask, pattern) >= config.success_asr:
+                    if norm < self.best_norm * (1 - config.early_stop_tol):
+                        self.last_improvement = self.steps
+                    self.best_norm, self.best = norm, (mask, pattern)
         else:
             self.ups, self.downs = 0, self.downs + 1
         if self.ups >= config.patience:
             self.cost, self.ups = self.cost * config.cost_up, 0
         elif self.downs >= config.patience:
             self.cost, self.downs = self.cost / config.cost_down, 0
-            self.cost_lowered = True
+            self.cost_lowered = self.best is not None
         stalled = self.cost_lowered and self.steps - self.last_improvement >= config.early_stop_patience
         if (config.early_stop and stalled) or self.steps >= config.max_steps:
             self.active, self.converged = False, True
@@ -219,7 +225,7 @@ def invert_triggers(
             asr = (logits.argmax(-1) == targets[:, None]).float().mean(1)
             for s, a, n in zip(group, asr.tolist(), norms.detach().tolist()):
                 s.optimizer.step()
-                s.record(a, n, config)
+                s.record(a, n, config, lambda m, p, t=s.target: _pool_asr(model, opt_x[pools[t]], t, m, p))
             total_steps += len(group)
         step += 1
         if progress is not None:
@@ -232,6 +238,11 @@ def invert_triggers(
     for trigger, index in zip(classes, mad_anomaly(norms)):
         trigger.anomaly_index = float(max(index, 0.0))
     return InversionResult(classes, statistics(classes, shape), total_steps, strategy)
+
+
+@torch.no_grad()
+def _pool_asr(model: nn.Module, images: torch.Tensor, target: int, mask: torch.Tensor, pattern: torch.Tensor) -> float:
+    return float((model((1 - mask) * images + mask * pattern).argmax(1) == target).float().mean())
 
 
 def _prune(states: list[_ClassState], config: InversionConfig) -> None:
