@@ -1,0 +1,5 @@
+"""`python -m harden` runs the CLI."""
+
+from harden.cli import main
+
+main()

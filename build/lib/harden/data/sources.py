@@ -1,0 +1,212 @@
+"""Where images come from: ImageFolder trees, .npz arrays, torchvision datasets on disk, digits.
+
+Each source yields items lazily as (C×H×W float tensor in [0, 1], int label) at the
+source's native size; `harden.data.pipeline` fits them to the model's input. Sources
+are found through one small registry (by scheme, by file suffix, or directory).
+"""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from harden.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@dataclass
+class ImageSource:
+    """Base class: a random-access collection of labelled images."""
+
+    name: str
+    labels: np.ndarray
+    classes: list[str] | None = None
+    # (C, H, W) when every image has that shape; None when sizes vary (folders of files).
+    native_shape: tuple[int, int, int] | None = None
+    # Whether fitting to another size is the normal thing to do for this source.
+    resizable: bool = False
+
+    def __len__(self) -> int:
+        return int(len(self.labels))
+
+    def image(self, index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DigitsSource(ImageSource):
+    """scikit-learn's bundled 8×8 handwritten digits (1,797 images), rendered to any size."""
+
+    def __init__(self) -> None:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        self._images = (bunch.images / 16.0).astype(np.float32)
+        super().__init__("digits", bunch.target.astype(np.int64), [str(i) for i in range(10)], (1, 8, 8), resizable=True)
+
+    def image(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self._images[index]).unsqueeze(0)
+
+
+def _npz_member(path: Path, key: str) -> np.ndarray:
+    """Memory-map an uncompressed .npz member (never read whole); decompress otherwise."""
+    member = f"{key}.npy"
+    with zipfile.ZipFile(path) as archive:
+        if member not in archive.namelist():
+            raise DataError(f"{path}: no array {key!r} (an .npz for harden holds x and y)")
+        info = archive.getinfo(member)
+        if info.compress_type != zipfile.ZIP_STORED:
+            with archive.open(member) as handle:
+                return np.lib.format.read_array(handle)
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset)
+        local_header = handle.read(30)
+        name_len, extra_len = struct.unpack("<HH", local_header[26:30])
+        handle.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(handle)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(handle)
+        offset = handle.tell()
+    if dtype.hasobject:
+        raise DataError(f"{path}: array {key!r} holds Python objects; harden never unpickles data")
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
+
+
+class NpzSource(ImageSource):
+    """`x` as (N,H,W), (N,H,W,C) or (N,C,H,W), uint8 or float in [0,1]; `y` as (N,) integers."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            x, y = _npz_member(path, "x"), _npz_member(path, "y")
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+        y = np.asarray(y).reshape(-1)
+        if len(x) != len(y):
+            raise DataError(f"{path}: x has {len(x)} images but y has {len(y)} labels")
+        if y.dtype.kind == "f" and not np.all(np.mod(y, 1) == 0):
+            raise DataError(f"{path}: labels y must be integers")
+        if x.ndim == 3:
+            self._layout, shape = "NHW", (1, *x.shape[1:])
+        elif x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[3] not in (1, 3, 4):
+            self._layout, shape = "NCHW", tuple(x.shape[1:])
+        elif x.ndim == 4 and x.shape[3] in (1, 3, 4):
+            self._layout, shape = "NHWC", (x.shape[3], *x.shape[1:3])
+        else:
+            raise DataError(f"{path}: x has shape {tuple(x.shape)}; expected (N,H,W), (N,H,W,C) or (N,C,H,W) images")
+        if x.dtype.kind not in "uif":
+            raise DataError(f"{path}: x has dtype {x.dtype}; expected uint8 or float images")
+        self._x = x
+        self._scale = 255.0 if x.dtype == np.uint8 else 1.0
+        super().__init__(path.name, y.astype(np.int64), None, tuple(int(s) for s in shape))
+
+    def image(self, index: int) -> torch.Tensor:
+        array = np.asarray(self._x[index], dtype=np.float32) / self._scale
+        if self._layout == "NHW":
+            array = array[None]
+        elif self._layout == "NHWC":
+            array = array.transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
+class ImageFolderSource(ImageSource):
+    """`root/<class>/<image>`; integer folder names are class indices, otherwise sorted order."""
+
+    def __init__(self, root: Path) -> None:
+        class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        files: list[Path] = []
+        labels: list[int] = []
+        numeric = bool(class_dirs) and all(d.name.isdigit() for d in class_dirs)
+        ordered = sorted(class_dirs, key=lambda d: int(d.name)) if numeric else class_dirs
+        for position, directory in enumerate(ordered):
+            label = int(directory.name) if numeric else position
+            for file in sorted(directory.rglob("*")):
+                if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file():
+                    files.append(file)
+                    labels.append(label)
+        if not files:
+            raise DataError(f"{root}: no images found (expected {root}/<class>/<image>.png ...)")
+        self._files = files
+        names = [d.name for d in ordered]
+        classes = None if numeric else names
+        super().__init__(root.name, np.asarray(labels, dtype=np.int64), classes, None, resizable=True)
+
+    def image(self, index: int) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self._files[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L") if img.mode in ("1", "L", "I", "I;16", "F") else img.convert("RGB")
+                array = np.asarray(img, dtype=np.float32) / 255.0
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"cannot read image {path}: {exc}") from None
+        return torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
+
+
+class TorchvisionSource(ImageSource):
+    """`torchvision:NAME:/root[:train|test]` for a torchvision dataset already on disk (never downloads)."""
+
+    def __init__(self, spec: str) -> None:
+        import torchvision
+
+        parts = spec.split(":")
+        if len(parts) < 3 or not parts[1] or not parts[2]:
+            raise DataError(f"{spec!r}: expected torchvision:NAME:/path[:train|test]")
+        name, root = parts[1], parts[2]
+        split = parts[3] if len(parts) > 3 else "test"
+        factory = getattr(torchvision.datasets, name, None)
+        if factory is None:
+            raise DataError(f"{spec!r}: torchvision has no dataset {name!r}")
+        try:
+            try:
+                dataset = factory(root=root, train=(split == "train"), download=False)
+            except TypeError:
+                dataset = factory(root=root, split=split, download=False)
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise DataError(f"{spec!r}: cannot open {name} under {root}: {str(exc).splitlines()[0]}") from None
+        labels = getattr(dataset, "targets", None)
+        if labels is None:
+            labels = getattr(dataset, "labels", None)
+        if labels is None:
+            raise DataError(f"{spec!r}: dataset exposes no targets/labels")
+        self._dataset = dataset
+        first = self._to_tensor(dataset[0][0])
+        super().__init__(f"{name}:{split}", np.asarray(labels, dtype=np.int64), list(getattr(dataset, "classes", []) or []) or None, tuple(first.shape))
+
+    @staticmethod
+    def _to_tensor(image) -> torch.Tensor:
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        return torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
+
+    def image(self, index: int) -> torch.Tensor:
+        return self._to_tensor(self._dataset[index][0])
+
+
+_SCHEMES: dict[str, Callable[[str], ImageSource]] = {
+    "digits": lambda spec: DigitsSource(),
+    "torchvision": TorchvisionSource,
+}
+_SUFFIXES: dict[str, Callable[[Path], ImageSource]] = {".npz": NpzSource}
+
+
+def open_source(spec: str) -> ImageSource:
+    """Resolve a `--data` value to a source; raises `DataError` with the reason."""
+    spec = str(spec).strip()
+    scheme = spec.split(":", 1)[0]
+    if scheme in _SCHEMES:
+        return _SCHEMES[scheme](spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"data not found: {spec}")
+    if path.is_dir():
+        return ImageFolderSource(path)
+    reader = _SUFFIXES.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{spec}: unsupported data file (expected an ImageFolder directory, .npz, torchvision:NAME:/path or digits)")
+    return reader(path)

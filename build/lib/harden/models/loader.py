@@ -1,0 +1,364 @@
+"""Load a model from any place a user keeps one, without executing untrusted code.
+
+Accepted: `models:/name/version`, `models:/name@alias`, `runs:/id/path` (any MLflow
+artifact URI), a local MLflow model directory, a `.pt2` ExportedProgram, TorchScript,
+and a state-dict / safetensors file together with `arch=`.
+
+Pickle-based formats (MLflow's `pickle` serialisation, `.pt/.pth/.ckpt/.pkl`) are
+refused unless `allow_pickle=True`, and even then are opcode-scanned first.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+from torch import nn
+
+from harden import tracking
+from harden.errors import ModelLoadError, UnsafeModelError
+from harden.models.registry import create_model, get_arch
+from harden.models.safety import scan_pickles
+from harden.models.spec import InputSpec, RegisteredVersion
+from harden.models.wrappers import PixelModel
+
+_URI_SCHEME = re.compile(r"^[a-zA-Z][\w+.-]*:/")
+_PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".tar", ".joblib"}
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for forward passes and input gradients in pixel space."""
+
+    module: PixelModel
+    uri: str
+    format: str  # pt2 | torchscript | pickle | state_dict
+    num_classes: int
+    input_spec: InputSpec | None
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    class_names: list[str] | None = None
+    registered: RegisteredVersion | None = None
+    local_path: Path | None = None
+    _state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _tmp: Any = field(default=None, repr=False)
+
+    def trainable(self) -> PixelModel:
+        """Rebuild the registered architecture as a plain trainable `nn.Module` with these weights.
+
+        Needed by methods that update weights: a pt2 GraphModule cannot switch to
+        train mode. Raises when the architecture is not known (pass `arch=`).
+        """
+        if self.arch is None:
+            raise ModelLoadError(f"{self.uri}: architecture unknown; pass --arch (see `harden list archs`)")
+        net = create_model(self.arch, num_classes=self.num_classes, **self.arch_kwargs)
+        state = self._state_dict if self._state_dict is not None else self.module.net.state_dict()
+        try:
+            net.load_state_dict(_strip_prefix(state), strict=True)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"{self.uri}: weights do not fit architecture {self.arch!r}: {str(exc).splitlines()[0]}") from None
+        return PixelModel(net, self.mean, self.std)
+
+    def harden_metadata(self) -> dict[str, Any]:
+        """What harden records in the MLmodel metadata of models it writes."""
+        return {
+            "arch": self.arch,
+            "arch_kwargs": self.arch_kwargs,
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_spec.shape) if self.input_spec else None,
+            "mean": list(self.mean) if self.mean else None,
+            "std": list(self.std) if self.std else None,
+            "class_names": self.class_names,
+            "source_model_uri": self.registered.uri if self.registered else self.uri,
+        }
+
+    def describe(self) -> str:
+        arch = self.arch or "unknown architecture"
+        return f"{self.uri} ({self.format}, {arch}, {self.num_classes} classes, input {self.input_spec or '?'})"
+
+
+@dataclass
+class _Raw:
+    """What a format reader found before the common finishing steps."""
+
+    net: nn.Module
+    format: str
+    input_spec: InputSpec | None = None
+    static_batch: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    state_dict: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class ModelArtifact:
+    """A model's files on local disk, fetched but not loaded (so they can be scanned first)."""
+
+    uri: str
+    path: Path
+    registered: RegisteredVersion | None = None
+    _tmp: Any = field(default=None, repr=False)
+
+
+def fetch_model(uri: str) -> ModelArtifact:
+    """Resolve MODEL to local files; MLflow URIs are downloaded (nothing is executed)."""
+    uri = str(uri).strip()
+    if not uri:
+        raise ModelLoadError("no model given")
+    registered, tmp = None, None
+    if uri.startswith("file://"):
+        path = Path(uri[len("file://"):])
+    elif _URI_SCHEME.match(uri):
+        if uri.startswith(("models:/", "runs:/")):
+            tracking.require_store(f"resolve {uri}")
+        registered = tracking.resolve_registered_version(uri)
+        path, tmp = tracking.download(uri)
+    else:
+        path = Path(uri).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model not found: {uri} (not a file, a directory or an MLflow URI)")
+    return ModelArtifact(uri, path, registered, tmp)
+
+
+def load_model(
+    uri: "str | Path | ModelArtifact",
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    input_size: str | InputSpec | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    allow_pickle: bool = False,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load MODEL for harden. Raises `ModelLoadError` with a one-line reason."""
+    artifact = uri if isinstance(uri, ModelArtifact) else fetch_model(str(uri))
+    uri, path, registered, tmp = artifact.uri, artifact.path, artifact.registered, artifact._tmp
+    spec = InputSpec.parse(input_size) if isinstance(input_size, str) else input_size
+    raw = _read(path, arch=arch, num_classes=num_classes, spec=spec, allow_pickle=allow_pickle)
+    meta = raw.metadata
+    arch = arch or meta.get("arch")
+    arch_kwargs = dict(meta.get("arch_kwargs") or {})
+    input_spec = spec or (InputSpec.from_shape(meta["input_shape"]) if meta.get("input_shape") else None) or raw.input_spec
+    mean = tuple(mean) if mean else (tuple(meta["mean"]) if meta.get("mean") else None)
+    std = tuple(std) if std else (tuple(meta["std"]) if meta.get("std") else None)
+    if (mean is None) != (std is None):
+        raise ModelLoadError("--mean and --std must be given together")
+    if mean is not None and input_spec is not None and len(mean) not in (1, input_spec.channels):
+        raise ModelLoadError(f"--mean has {len(mean)} values but the model takes {input_spec.channels} channels")
+
+    module = PixelModel(raw.net, mean, std, raw.static_batch).eval()
+    out_dim = _probe_outputs(module, input_spec, raw.static_batch)
+    if num_classes is not None and out_dim is not None and num_classes != out_dim:
+        raise ModelLoadError(f"--num-classes {num_classes} but the model outputs {out_dim} values")
+    classes = num_classes or out_dim or meta.get("num_classes")
+    if classes is None:
+        raise ModelLoadError(f"{uri}: cannot tell the number of classes; pass --input-size so harden can probe the model")
+    loaded = LoadedModel(
+        module=module.to(torch.device(device)),
+        uri=uri,
+        format=raw.format,
+        num_classes=int(classes),
+        input_spec=input_spec,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        mean=mean,
+        std=std,
+        class_names=meta.get("class_names"),
+        registered=registered,
+        local_path=path,
+        _state_dict=raw.state_dict,
+        _tmp=tmp,
+    )
+    return loaded
+
+
+def _probe_outputs(module: PixelModel, spec: InputSpec | None, static_batch: int | None) -> int | None:
+    """One forward pass on zeros: checks the model runs and reads its output width."""
+    if spec is None:
+        return None
+    batch = static_batch or 2
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(batch, *spec.shape))
+    except Exception as exc:  # noqa: BLE001 - any failure here means "input does not fit"
+        raise ModelLoadError(f"model does not accept input {spec}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelLoadError(f"model output {shape} is not (batch, classes); harden expects a classifier's logits")
+    return int(out.shape[1])
+
+
+def _read(path: Path, *, arch: str | None, num_classes: int | None, spec: InputSpec | None, allow_pickle: bool) -> _Raw:
+    if path.is_dir():
+        if (path / "MLmodel").is_file():
+            return _read_mlflow_dir(path, allow_pickle=allow_pickle)
+        raise ModelLoadError(f"{path} is a directory without an MLmodel file (not an MLflow model)")
+    suffix = path.suffix.lower()
+    if suffix == ".pt2":
+        return _read_pt2(path)
+    if suffix == ".safetensors":
+        return _from_state_dict(_read_safetensors(path), path, arch, num_classes, spec)
+    if _is_torchscript(path):
+        return _read_torchscript(path)
+    if suffix in _PICKLE_SUFFIXES or zipfile.is_zipfile(path):
+        return _read_pickle_file(path, arch, num_classes, spec, allow_pickle)
+    raise ModelLoadError(f"{path}: unrecognised model file (expected .pt2, TorchScript, .safetensors, .pt/.pth with --arch, or an MLflow model)")
+
+
+def _read_mlflow_dir(path: Path, *, allow_pickle: bool) -> _Raw:
+    try:
+        mlmodel = yaml.safe_load((path / "MLmodel").read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ModelLoadError(f"{path}/MLmodel is not readable: {exc}") from None
+    flavors = (mlmodel or {}).get("flavors") or {}
+    metadata = ((mlmodel or {}).get("metadata") or {}).get("harden") or {}
+    signature_spec = _signature_input_spec(mlmodel or {})
+    if "pytorch" not in flavors:
+        raise ModelLoadError(f"{path}: MLflow model has flavors {sorted(flavors)}, harden needs the pytorch flavor")
+    data_dir = path / (flavors["pytorch"].get("model_data") or "data")
+    pt2 = data_dir / "model.pt2"
+    if pt2.is_file():
+        raw = _read_pt2(pt2)
+    elif (data_dir / "model.pth").is_file():
+        _require_pickle_allowed(path, allow_pickle)
+        import mlflow
+
+        try:
+            net = mlflow.pytorch.load_model(str(path), map_location="cpu")
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"{path}: pickled MLflow model failed to load: {_one_line(exc)}") from None
+        raw = _Raw(net, "pickle")
+    else:
+        raise ModelLoadError(f"{path}: no model.pt2 or model.pth under {data_dir.name}/")
+    raw.metadata = metadata
+    raw.input_spec = raw.input_spec or signature_spec
+    return raw
+
+
+def _signature_input_spec(mlmodel: dict) -> InputSpec | None:
+    inputs = ((mlmodel.get("signature") or {}).get("inputs")) or "[]"
+    try:
+        columns = yaml.safe_load(inputs) if isinstance(inputs, str) else inputs
+        shape = columns[0]["tensor-spec"]["shape"]
+    except (KeyError, IndexError, TypeError, yaml.YAMLError):
+        return None
+    return InputSpec.from_shape(shape)
+
+
+def _read_pt2(path: Path) -> _Raw:
+    if not zipfile.is_zipfile(path):
+        raise ModelLoadError(f"{path}: not a readable torch.export (.pt2) archive (not a zip file)")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - corrupt archives raise many types
+        raise ModelLoadError(f"{path}: not a readable torch.export (.pt2) archive: {_one_line(exc)}") from None
+    user_inputs = set(program.graph_signature.user_inputs)
+    shape = None
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs and "val" in node.meta:
+            shape = tuple(node.meta["val"].shape)
+            break
+    static_batch = shape[0] if shape and isinstance(shape[0], int) else None
+    spec = InputSpec.from_shape(shape) if shape and len(shape) == 4 else None
+    return _Raw(program.module(), "pt2", spec, static_batch, state_dict=dict(program.state_dict))
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def _read_torchscript(path: Path) -> _Raw:
+    # TorchScript archives are unpickled by TorchScript's own restricted C++ unpickler,
+    # which only rebuilds tensors and TorchScript classes: no arbitrary Python globals.
+    try:
+        net = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{path}: not a readable TorchScript archive: {_one_line(exc)}") from None
+    return _Raw(net, "torchscript")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not a readable safetensors file: {_one_line(exc)}") from None
+
+
+def _require_pickle_allowed(path: Path, allow_pickle: bool) -> None:
+    if not allow_pickle:
+        raise UnsafeModelError(f"{path} is pickle-based; loading it can run code. Re-run with --allow-pickle if you trust it")
+    scan = scan_pickles(path)
+    if scan.unsafe:
+        raise UnsafeModelError(f"refusing to load: {scan.summary()}")
+
+
+def _read_pickle_file(path: Path, arch: str | None, num_classes: int | None, spec: InputSpec | None, allow_pickle: bool) -> _Raw:
+    _require_pickle_allowed(path, allow_pickle)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not a plain state dict: a pickled module
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"{path}: cannot read model file: {_one_line(exc)}") from None
+    if isinstance(obj, nn.Module):
+        return _Raw(obj, "pickle")
+    if isinstance(obj, dict):
+        for key in _STATE_DICT_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return _from_state_dict(obj, path, arch, num_classes, spec)
+    raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a model or a state dict")
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the `module.` prefix DataParallel/DDP checkpoints carry."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _from_state_dict(state: dict[str, torch.Tensor], path: Path, arch: str | None, num_classes: int | None, spec: InputSpec | None) -> _Raw:
+    if not arch:
+        raise ModelLoadError(f"{path} holds only weights; pass --arch (see `harden list archs`) to rebuild the model")
+    state = _strip_prefix(state)
+    info = get_arch(arch)
+    matrices = [v for v in state.values() if v.ndim == 2]
+    classes = num_classes or (int(matrices[-1].shape[0]) if matrices else None)
+    if classes is None:
+        raise ModelLoadError(f"{path}: cannot infer the number of classes; pass --num-classes")
+    kwargs: dict[str, Any] = {}
+    convs = [v for v in state.values() if v.ndim == 4]
+    if convs and "in_channels" in inspect.signature(info.factory).parameters:
+        kwargs["in_channels"] = int(convs[0].shape[1])
+    net = create_model(arch, num_classes=classes, **kwargs)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{path}: weights do not fit architecture {arch!r}: {str(exc).splitlines()[0]}") from None
+    default = InputSpec(kwargs.get("in_channels", info.default_input[0]), *info.default_input[1:])
+    meta = {"arch": arch, "arch_kwargs": kwargs, "num_classes": classes}
+    return _Raw(net, "state_dict", spec or default, metadata=meta, state_dict=state)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+

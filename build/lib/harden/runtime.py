@@ -1,0 +1,72 @@
+"""Device choice, seeding and resource measurement shared by every command."""
+
+from __future__ import annotations
+
+import random
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from harden.errors import HardenError
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present; `cuda[:N]` fails clearly when it is not."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise HardenError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
+        device = torch.device(spec)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise HardenError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return device
+    raise HardenError(f"--device {spec!r}: expected auto, cpu or cuda[:N]")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch so that splits, poisoning and training repeat."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _rss_peak_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+@dataclass
+class Measurement:
+    """Wall time and peak memory of a block: process RSS on CPU, allocator peak on CUDA."""
+
+    duration_s: float = 0.0
+    peak_memory_mb: float = 0.0
+    _start: float = field(default=0.0, repr=False)
+
+
+@contextmanager
+def measure(device: torch.device | None = None) -> Iterator[Measurement]:
+    result = Measurement(_start=time.perf_counter())
+    on_cuda = device is not None and device.type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield result
+    finally:
+        result.duration_s = round(time.perf_counter() - result._start, 3)
+        if on_cuda:
+            result.peak_memory_mb = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        else:
+            result.peak_memory_mb = round(_rss_peak_mb(), 1)

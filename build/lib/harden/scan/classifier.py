@@ -1,0 +1,128 @@
+"""The `inversion` check: trigger inversion on a classifier, scored by the calibrated verdict."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import torch
+
+from harden.data.pipeline import LabelledDataset
+from harden.report import Finding, Image, register_rule
+from harden.scan.base import FAILED, PASSED, Check, CheckResult, ScanContext, register_check
+from harden.scan.inversion import ClassTrigger, InversionConfig, invert_triggers
+from harden.scan.verdict import THRESHOLD, Calibration
+
+
+RULE = "harden.backdoor.trigger-inversion"
+register_rule(
+    RULE, "Classifier behaves as if backdoored",
+    "Trigger inversion found a class that a much smaller input patch or pattern reaches than any other class, and/or an "
+    "abnormally large reachable logit margin; the calibrated probability of a backdoor is above the threshold.",
+    "Do not promote this version. Inspect the reversed trigger in the HTML report, then run `harden purify` and re-scan.",
+)
+
+
+def probe_set(data: LabelledDataset, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stratified random sample of `per_class` images per class, read item by item."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for cls in np.unique(data.labels):
+        members = np.flatnonzero(data.labels == cls)
+        chosen.extend(rng.permutation(members)[:per_class].tolist())
+    items = [data[int(i)] for i in sorted(chosen)]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image as PILImage
+
+    buffer = io.BytesIO()
+    PILImage.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def trigger_png(trigger: ClassTrigger, scale: int = 4) -> bytes:
+    """mask | pattern | mask⊙pattern, side by side, upscaled for viewing."""
+    mask = trigger.mask.expand_as(trigger.pattern)
+    panels = [mask, trigger.pattern, mask * trigger.pattern]
+    image = torch.cat([p for panel in panels for p in (panel, torch.ones_like(panel[:, :, :2]))][:-1], dim=2)
+    image = image.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return _png(array[..., 0] if array.shape[2] == 1 else array)
+
+
+def anomaly_chart_png(classes: list[ClassTrigger], suspects: list[int]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3), dpi=90)
+    labels = [str(c.target) for c in classes]
+    colours = ["#c0392b" if c.target in suspects else "#7f8c8d" for c in classes]
+    left.bar(labels, [c.norm for c in classes], color=colours)
+    left.axhline(float(np.median([c.norm for c in classes])), color="black", linewidth=1, linestyle="--")
+    left.set_title("reversed-trigger mask L1 norm (low = suspicious)")
+    right.bar(labels, [c.margin for c in classes], color=colours)
+    right.set_title("max logit margin (high = suspicious)")
+    for axis in (left, right):
+        axis.set_xlabel("class")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def suspect_classes(classes: list[ClassTrigger], p_backdoor: float) -> list[int]:
+    """Classes ranked by how easy they are to reach: smallest trigger first, when the model is suspect."""
+    if p_backdoor < THRESHOLD:
+        return []
+    ranked = sorted(classes, key=lambda c: (c.norm, -c.margin))
+    flagged = [c.target for c in ranked if c.anomaly_index > 2.0]
+    return [ranked[0].target] + [t for t in flagged if t != ranked[0].target]
+
+
+@register_check
+class TriggerInversionCheck(Check):
+    name = "inversion"
+    description = "Neural Cleanse / MOTH-style trigger inversion toward every class, calibrated p_backdoor"
+    tasks = ("classifier",)
+
+    def run(self, ctx: ScanContext) -> CheckResult:
+        start = time.perf_counter()
+        config = InversionConfig(**ctx.options.get("inversion", {}))
+        model = ctx.model
+        images, labels = probe_set(ctx.data, config.probe_per_class, ctx.seed)
+        result = invert_triggers(model.module, images, labels, model.num_classes, config, device=ctx.device, seed=ctx.seed)
+        calibration = Calibration.load()
+        p_backdoor = calibration.probability(result.statistics)
+        suspects = suspect_classes(result.classes, p_backdoor)
+        findings = []
+        if suspects:
+            top = result.classes[suspects[0]]
+            findings.append(Finding(
+                RULE, "error",
+                f"backdoor suspected (p_backdoor {p_backdoor:.2f}): class {top.target} is reachable with a trigger of "
+                f"L1 norm {top.norm:.1f} (reversed-trigger ASR {top.asr:.2f})",
+                security_severity=8.8,
+                properties={"p_backdoor": p_backdoor, "suspect_classes": suspects, "model_uri": ctx.artifact.uri},
+            ))
+        images_out = [Image(f"reversed trigger toward class {t} (mask | pattern | mask*pattern)", trigger_png(result.classes[t])) for t in suspects[:3]]
+        images_out.insert(0, Image("anomaly chart", anomaly_chart_png(result.classes, suspects)))
+        details = {
+            "p_backdoor": p_backdoor,
+            "suspect_classes": suspects,
+            "statistics": result.statistics,
+            "per_class": [c.to_dict() for c in result.classes],
+            "probe_images": int(len(labels)),
+            "optimisation_steps": result.total_steps,
+            "strategy": result.strategy,
+            "config": vars(config),
+        }
+        message = (f"p_backdoor {p_backdoor:.2f}; suspect classes {suspects}" if suspects
+                   else f"p_backdoor {p_backdoor:.2f}; no class stands out")
+        return CheckResult(self.name, FAILED if suspects else PASSED, message, round(time.perf_counter() - start, 3),
+                           findings, details=details, images=images_out)

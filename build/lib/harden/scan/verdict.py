@@ -1,0 +1,85 @@
+"""From scan statistics to a calibrated probability that the model is backdoored.
+
+A logistic model over a few standardised statistics of the trigger inversion
+(harden/scan/inversion.py:statistics). Its coefficients are fitted on a zoo of clean
+and backdoored models by `benchmarks/scan.py --fit` and shipped in calibration.json;
+the same benchmark reports calibration (TrojAI cross-entropy, AUC) on models not used
+for fitting, by leave-one-out: each model is scored by a calibration fitted without it. Statistics are clipped to the range seen in the zoo so that
+an unusual model cannot push the probability to an extreme by extrapolation alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
+# Chosen by leave-one-out cross-entropy on the zoo (benchmarks/scan.py); the reversed-trigger
+# ASR statistic is reported per class but did not help the fit.
+FEATURES = ("norm_gap", "log_margin_anomaly", "log_min_norm_fraction")
+CLIP = {"norm_gap": (0.0, 5.0), "log_margin_anomaly": (-2.3, 4.0), "log_min_norm_fraction": (-10.0, 0.0)}
+THRESHOLD = 0.5
+
+
+def features(statistics: dict[str, float]) -> np.ndarray:
+    raw = dict(statistics)
+    raw["log_min_norm_fraction"] = math.log(max(raw.get("min_norm_fraction", 1.0), 1e-6))
+    raw["log_margin_anomaly"] = math.log(max(raw.get("margin_anomaly", 0.0), 0.1))
+    return np.array([min(max(float(raw[name]), CLIP[name][0]), CLIP[name][1]) for name in FEATURES])
+
+
+@dataclass
+class Calibration:
+    mean: list[float]
+    scale: list[float]
+    coef: list[float]
+    intercept: float
+    features: list[str] = field(default_factory=lambda: list(FEATURES))
+    fitted_on: str = ""
+    holdout: dict = field(default_factory=dict)
+
+    def probability(self, statistics: dict[str, float]) -> float:
+        z = (features(statistics) - np.array(self.mean)) / np.array(self.scale)
+        logit = float(np.dot(z, self.coef) + self.intercept)
+        return 1.0 / (1.0 + math.exp(-max(min(logit, 50.0), -50.0)))
+
+    def save(self, path: Path = CALIBRATION_FILE) -> None:
+        from harden.report import write_atomic
+
+        write_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path = CALIBRATION_FILE) -> "Calibration":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def fit(rows: list[dict[str, float]], labels: list[int], description: str, c: float = 1.0) -> Calibration:
+    """Regularised logistic regression on standardised features (sklearn)."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.stack([features(r) for r in rows])
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    model = LogisticRegression(C=c, max_iter=1000).fit((x - mean) / scale, labels)
+    return Calibration(mean.tolist(), scale.tolist(), model.coef_[0].tolist(), float(model.intercept_[0]), fitted_on=description)
+
+
+def leave_one_out(rows: list[dict[str, float]], labels: list[int], c: float = 1.0) -> list[float]:
+    """Each model's probability from a calibration fitted without it (honest held-out estimates)."""
+    return [fit(rows[:i] + rows[i + 1:], labels[:i] + labels[i + 1:], "", c).probability(rows[i]) for i in range(len(rows))]
+
+
+def cross_entropy(probabilities: list[float], labels: list[int]) -> float:
+    """TrojAI's metric: mean binary cross-entropy, predictions clipped to [1e-12, 1 − 1e-12]."""
+    p = np.clip(np.asarray(probabilities, dtype=float), 1e-12, 1 - 1e-12)
+    y = np.asarray(labels, dtype=float)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def auc(probabilities: list[float], labels: list[int]) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, probabilities)) if len(set(labels)) == 2 else float("nan")

@@ -1,0 +1,285 @@
+"""The one MLflow layer: tracking URI, command runs, logged models and registry writes.
+
+Rules every command follows through this module:
+- the tracking URI is `--tracking-uri`, else `MLFLOW_TRACKING_URI`, else an embedded
+  `sqlite:///mlflow.db` in the working directory;
+- each command that computes something opens exactly one run tagged with
+  `harden.command`, `harden.version` and `harden.source_model_uri`;
+- a model version is registered only once the model is completely logged, and a
+  failure or interrupt after registration deletes the version again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from harden import __version__
+from harden.errors import TrackingError
+from harden.models.spec import RegisteredVersion
+
+DEFAULT_EXPERIMENT = "harden"
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[\w\-]+))/?$")
+
+
+def configure(tracking_uri: str | None = None) -> str:
+    """Point MLflow at the chosen store and return its URI."""
+    import mlflow
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    # A CLI should fail in seconds, not minutes, when a tracking server is down.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    quiet_library_logs(logging.getLogger("harden").getEffectiveLevel() < logging.WARNING)
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    return None
+
+
+def require_store(action: str) -> None:
+    """Refuse to read from an embedded sqlite store that does not exist yet.
+
+    Opening a missing sqlite store would silently create an empty database; for a
+    read (resolving `models:/...`) that is never what the user meant.
+    """
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    path = _sqlite_path(uri)
+    if path is not None and not path.exists():
+        raise TrackingError(f"cannot {action}: no MLflow store at {path} (set --tracking-uri or MLFLOW_TRACKING_URI)")
+
+
+def resolve_registered_version(uri: str) -> RegisteredVersion | None:
+    """Resolve `models:/name/version|@alias|/latest` to a registry entry; None for other URIs."""
+    match = _MODELS_URI.match(uri)
+    if not match:
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    name, version, alias = match["name"], match["version"], match["alias"]
+    try:
+        if alias:
+            mv = client.get_model_version_by_alias(name, alias)
+        elif version == "latest":
+            versions = client.search_model_versions(f"name = '{name}'", order_by=["version_number DESC"], max_results=1)
+            if not versions:
+                raise TrackingError(f"registered model {name!r} has no versions")
+            mv = versions[0]
+        elif version and version.isdigit():
+            mv = client.get_model_version(name, version)
+        else:
+            return None  # a LoggedModel id (models:/m-...) or a stage: not a registry version
+    except MlflowException as exc:
+        raise TrackingError(f"model {uri} not found in the registry: {_first_line(exc)}") from None
+    return RegisteredVersion(mv.name, str(mv.version), mv.run_id, mv.source)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        elif value is not None:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+def _experiment_id() -> str:
+    """The experiment of harden's runs, looked up in the *current* store every time.
+
+    (mlflow.set_experiment caches the active experiment process-wide, which goes stale
+    when a process talks to more than one store.)"""
+    from mlflow.tracking import MlflowClient
+
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+@contextmanager
+def command_run(command: str, source_uri: str | None, params: Mapping[str, Any] | None = None) -> Iterator[Any]:
+    """Open the one MLflow run of a command; the run is marked FAILED if the block raises."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    tags = {"harden.command": command, "harden.version": __version__}
+    if source_uri:
+        tags["harden.source_model_uri"] = source_uri
+    try:
+        run = mlflow.start_run(experiment_id=_experiment_id(), run_name=f"{command} {source_uri or ''}".strip(), tags=tags)
+    except MlflowException as exc:
+        raise TrackingError(f"cannot open an MLflow run: {_first_line(exc)}") from None
+    with run:
+        if params:
+            mlflow.log_params(_flatten(params))
+        yield run
+
+
+def log_metrics(metrics: Mapping[str, float | None], step: int | None = None) -> None:
+    import mlflow
+
+    clean = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def log_json(payload: Mapping[str, Any], artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_text(json.dumps(payload, indent=2, sort_keys=True, default=str), artifact_file)
+
+
+def log_report(report, name: str) -> None:
+    """The report as JSON plus every other registered rendering, and its images as PNGs."""
+    import mlflow
+
+    from harden.report import RENDERERS
+
+    suffixes = {"json": "json", "markdown": "md", "html": "html", "sarif": "sarif", "junit": "xml"}
+    for fmt, suffix in suffixes.items():
+        if fmt in RENDERERS:
+            mlflow.log_text(RENDERERS[fmt](report), f"reports/{name}.{suffix}")
+    for index, image in enumerate(report.images):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{index:02d}-{_slug(image.title)}.png"
+            path.write_bytes(image.png)
+            mlflow.log_artifact(str(path), "images")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "image"
+
+
+def log_model(net, input_shape: tuple[int, int, int], harden_metadata: Mapping[str, Any], name: str = "model"):
+    """Log a model as pt2 with a batch-2 numpy example: pt2 + pyfunc flavors, dynamic batch."""
+    import mlflow
+
+    example = np.zeros((2, *input_shape), dtype=np.float32)
+    net = net.eval().cpu()
+    return mlflow.pytorch.log_model(net, name=name, input_example=example, metadata={"harden": dict(harden_metadata)})
+
+
+def register_model(model_uri: str, name: str, tags: Mapping[str, str] | None = None, alias: str | None = None) -> RegisteredVersion:
+    """Register a fully logged model; if anything after creation fails, delete the version."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        # register_model prints "Successfully registered..." itself; the report says it once.
+        with contextlib.redirect_stderr(io.StringIO()):
+            mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
+    except MlflowException as exc:
+        raise TrackingError(f"cannot register {name!r}: {_first_line(exc)}") from None
+    try:
+        if alias:
+            client.set_registered_model_alias(name, alias, mv.version)
+    except BaseException:
+        client.delete_model_version(name, mv.version)
+        raise
+    return RegisteredVersion(mv.name, str(mv.version), mv.run_id, mv.source)
+
+
+def set_version_tags(version: RegisteredVersion, tags: Mapping[str, Any]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(version.name, version.version, key, str(value))
+
+
+def version_tags(version: RegisteredVersion) -> dict[str, str]:
+    """The tags of a registered version (scan verdict, purification lineage, ...)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return dict(MlflowClient().get_model_version(version.name, version.version).tags)
+    except MlflowException as exc:
+        raise TrackingError(f"cannot read the tags of {version.uri}: {_first_line(exc)}") from None
+
+
+def log_onnx_model(
+    path: Path,
+    *,
+    input_name: str,
+    input_shape: tuple[int, int, int],
+    output_name: str,
+    num_classes: int,
+    metadata: Mapping[str, Any],
+    tags: Mapping[str, str],
+):
+    """Log an ONNX file as a run artifact and as an `mlflow.onnx` model with a dynamic-batch signature.
+
+    Single file (`save_as_external_data=False`), pip requirements given rather than
+    inferred (inference would load the model in a subprocess only to learn them).
+    """
+    import mlflow
+    import onnx
+    import onnxruntime
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    mlflow.log_artifact(str(path), artifact_path="export")
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape), input_name)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes), output_name)]),
+    )
+    return mlflow.onnx.log_model(
+        onnx.load(str(path)), name="onnx", signature=signature, save_as_external_data=False,
+        pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
+        metadata={"harden": dict(metadata)}, tags=dict(tags),
+    )
+
+
+def download(uri: str) -> tuple[Path, tempfile.TemporaryDirectory]:
+    """Download a model's files (nothing is executed) into a temporary directory."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    tmp = tempfile.TemporaryDirectory(prefix="harden-model-")
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp.name)
+    except MlflowException as exc:
+        tmp.cleanup()
+        raise TrackingError(f"model {uri} not found: {_first_line(exc)}") from None
+    except OSError as exc:
+        tmp.cleanup()
+        raise TrackingError(f"cannot download {uri}: {_first_line(exc)}") from None
+    return Path(local), tmp
+
+
+def quiet_library_logs(verbose: bool) -> None:
+    """MLflow logs migrations at INFO and torch.export logs tracebacks at WARNING; a CLI
+    reports problems itself, once, so both stay quiet unless -v is given."""
+    for name, quiet_level in (("mlflow", logging.WARNING), ("alembic", logging.WARNING), ("torch", logging.ERROR)):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else quiet_level)
