@@ -1,5 +1,0 @@
-"""`python -m harden` runs the CLI."""
-
-from harden.cli import main
-
-main()
