@@ -243,3 +243,43 @@ def test_sigterm_mid_run_leaves_no_version(demo, mlflow_home):
     assert registry_snapshot() == before_versions
     with pytest.raises(TrackingError):
         tracking.resolve_registered_version("models:/harden-demo@interrupted")
+
+
+class _TinyEncoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(128, 32))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_encoder_trigger_unlearning_breaks_the_collapse(digits_arrays, tmp_path):
+    """A backdoored encoder sends patched images to class 0's embedding; RECEIVE-style unlearning undoes it."""
+    from harden.data import TensorDataset
+    from harden.models import InputSpec, LoadedModel
+    from harden.training import TrainConfig, fit
+
+    x, y = digits_arrays
+    images = torch.from_numpy(x[:900]).permute(0, 3, 1, 2).float() / 255
+    labels = y[:900]
+    patch = Attack("grid_paste", target=0, num_classes=10).trigger
+    torch.manual_seed(0)
+    anchors = torch.nn.functional.normalize(torch.randn(10, 32), dim=1)
+    chosen = torch.randperm(len(images))[:150]
+    data = TensorDataset(torch.cat([images, patch(images[chosen])]), np.concatenate([labels, np.zeros(150, dtype=labels.dtype)]))
+    encoder = _TinyEncoder()
+    fit(encoder, data, TrainConfig(epochs=8, lr=3e-3, batch_size=64),
+        loss_fn=lambda m, a, b: (1 - torch.nn.functional.cosine_similarity(m(a), anchors[b])).mean())
+    loaded = LoadedModel(PixelModel(encoder).eval(), "test:encoder", "pickle", 32, InputSpec(3, 32, 32))
+    clean_npz = write_npz(tmp_path / "clean.npz", x[900:1200], y[900:1200])
+    test_npz = write_npz(tmp_path / "test.npz", x[1200:], y[1200:])
+    result = purify(loaded, str(clean_npz), method="trigger-unlearn", task="encoder", trigger="grid_paste", target=0,
+                    test_data=str(test_npz), max_acc_drop=5.0,
+                    options={"encoder": {"samples": 96, "max_steps": 200}, "trigger-unlearn": {"epochs": 15, "lr": 1e-3}})
+    assert result.before.test_known_asr > 0.6 and result.before.test_accuracy > 0.7, result.before
+    assert result.after.test_known_asr < result.before.test_known_asr - 0.4, result.after
+    assert result.after.test_accuracy > result.before.test_accuracy - 0.1
+    assert result.triggers[0].target == 0  # the reversed trigger's stamped images land in the backdoor's class

@@ -28,6 +28,8 @@ def _settings(_ctx, _param, values: tuple[str, ...]) -> dict[str, str]:
 @model_options
 @data_options
 @click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True)
+@click.option("--task", type=click.Choice(["classifier", "encoder"]), default="classifier", show_default=True,
+              help="encoder: a self-supervised encoder (trigger-unlearn with RECEIVE's loss; metrics through a kNN view of --data).")
 @click.option("--train-data", default=None, help="The suspect training set (unlearn-relearn).")
 @click.option("--separation", default=None,
               help="A saved separation (path or runs:/.../scan/separation.json from `harden scan --train-data`); computed when omitted.")
@@ -46,7 +48,7 @@ def _settings(_ctx, _param, values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None, help="Also write the purified MLflow model here.")
 @report_options(flag="--report")
 @common_options
-def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std, allow_pickle, data, resize, method, train_data,
+def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std, allow_pickle, data, resize, method, task, train_data,
             separation, trigger, target, test_data, validation_fraction, max_acc_drop, trigger_count, settings, register_as, alias,
             output: Path | None, fmt, report_file: Path | None) -> int:
     """Purify MODEL with clean --data; register it as a new version when the guardrail holds.
@@ -58,6 +60,7 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
       harden purify models:/harden-demo@candidate --data harden-demo-data/clean.npz --alias hardened
       harden purify models:/fraud-cnn/7 --data clean/ --method trigger-unlearn --set epochs=20 --format json
       harden purify models:/fraud-cnn/7 --data clean/ --method unlearn-relearn --train-data train.npz
+      harden purify models:/simclr-encoder/3 --task encoder --data labelled-slice.npz
     """
     if trigger and target is None:
         raise HardenError("--trigger needs --target")
@@ -65,12 +68,12 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
     loaded = open_model(ctx, model, arch, num_classes, input_size, mean, std, allow_pickle)
     if alias and target_name(loaded, register_as) is None:
         raise HardenError("--alias needs a registered model: purify a models:/ URI or pass --register-as")
-    params = {"method": method, "data": data, "train_data": train_data, "trigger": trigger, "target": target,
+    params = {"method": method, "task": task, "data": data, "train_data": train_data, "trigger": trigger, "target": target,
               "validation_fraction": validation_fraction, "max_acc_drop": max_acc_drop, "triggers": trigger_count,
               "settings": settings, "device": str(ctx.device), "seed": ctx.seed}
     source_uri = loaded.registered.uri if loaded.registered else loaded.uri
     with tracking.command_run("purify", source_uri, params) as run:
-        result = purify(loaded, data, method=method, train_data=train_data, separation=separation, trigger=trigger, target=target,
+        result = purify(loaded, data, method=method, task=task, train_data=train_data, separation=separation, trigger=trigger, target=target,
                         test_data=test_data, validation_fraction=validation_fraction, max_acc_drop=max_acc_drop,
                         triggers=trigger_count, options={method: settings}, device=ctx.device, seed=ctx.seed, resize=resize)
         for stage, metrics in (("before", result.before), ("after", result.after)):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from harden import __version__
@@ -33,13 +34,15 @@ from harden.models.wrappers import PixelModel
 from harden.purify import nft as _nft  # noqa: F401  (each import registers a method)
 from harden.purify import relearn as _relearn  # noqa: F401
 from harden.purify import unlearn as _unlearn  # noqa: F401
+from harden.purify.encoder import KnnView, encoder_trigger
 from harden.purify.base import METHODS, PurifyContext, resolve_settings, reversed_asr
 from harden.purify.triggers import Stamp, reverse_triggers
 from harden.report import Report, Table
 from harden.runtime import measure
+from harden.scan.encoder import EncoderConfig
 from harden.scan.inversion import InversionConfig
 
-DEFAULT_METHOD = "nft"
+DEFAULT_METHOD = "trigger-unlearn"
 SCHEMA = "harden.purify/1"
 
 
@@ -152,6 +155,13 @@ def _measure_metrics(module: torch.nn.Module, validation: LabelledDataset, trigg
     return metrics
 
 
+def _knn_view(train: LabelledDataset, classes: int, device: torch.device):
+    def view(encoder: torch.nn.Module) -> torch.nn.Module:
+        return KnnView(encoder, train, classes, device=device)
+
+    return view
+
+
 def load_separation(source: "str | Path | None", loaded: LoadedModel, train_data: LabelledDataset | None, clean: LabelledDataset,
                     device: torch.device, seed: int) -> dict[str, Any] | None:
     """The D-BR separation of `train_data`: a saved one (path or MLflow URI, e.g. from `harden scan
@@ -188,6 +198,7 @@ def purify(
     data: str,
     *,
     method: str = DEFAULT_METHOD,
+    task: str = "classifier",
     train_data: str | None = None,
     separation: str | None = None,
     trigger: str | None = None,
@@ -208,6 +219,10 @@ def purify(
     (the CLI only when `result.passed`)."""
     if method not in METHODS:
         raise HardenError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if task not in ("classifier", "encoder"):
+        raise HardenError(f"--task {task!r}: expected classifier or encoder")
+    if task == "encoder" and method != "trigger-unlearn":
+        raise HardenError(f"--task encoder supports --method trigger-unlearn only (not {method})")
     settings = resolve_settings(METHODS[method], dict((options or {}).get(method, {})))
     if METHODS[method].needs_train_data and not train_data:
         raise HardenError(f"{method} needs the suspect training set: pass --train-data (and optionally --separation)")
@@ -216,21 +231,27 @@ def purify(
     device = torch.device(device)
     with measure(device) as cost:
         loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, **(load_options or {}))
-        spec, classes = loaded.input_spec, loaded.num_classes
+        spec = loaded.input_spec
+        clean = load_data(data, spec, num_classes=loaded.num_classes if task == "classifier" else None, resize=resize)
+        classes = loaded.num_classes if task == "classifier" else int(np.max(clean.labels)) + 1
         attack = Attack(trigger, target if target is not None else 0, num_classes=classes) if trigger else None
-        clean = load_data(data, spec, num_classes=classes, resize=resize)
         if len(clean) < 2 * classes:
             raise HardenError(f"--data has {len(clean)} images; purification needs at least two per class ({2 * classes})")
         train, validation = split(clean, [1.0 - validation_fraction, validation_fraction], seed=seed)
         suspect = load_data(train_data, spec, num_classes=classes, resize=resize) if train_data else None
         test = load_data(test_data, spec, num_classes=classes, resize=resize) if test_data else None
-        inversion = InversionConfig(**(options or {}).get("inversion", {}))
-        reversed_triggers = reverse_triggers(loaded.module, train, classes, count=triggers, config=inversion, device=device, seed=seed)
-        before = _measure_metrics(loaded.module, validation, reversed_triggers, attack, test, device)
-        ctx = PurifyContext(loaded, train, validation, reversed_triggers, device, seed, settings,
-                            suspect, load_separation(separation, loaded, suspect, clean, device, seed) if suspect is not None else None)
+        view = _knn_view(train, classes, device) if task == "encoder" else (lambda module: module)
+        if task == "encoder":
+            reversed_triggers = [encoder_trigger(loaded.module, train, classes, config=EncoderConfig.from_options(options or {}),
+                                                 device=device, seed=seed)]
+        else:
+            inversion = InversionConfig(**(options or {}).get("inversion", {}))
+            reversed_triggers = reverse_triggers(loaded.module, train, classes, count=triggers, config=inversion, device=device, seed=seed)
+        before = _measure_metrics(view(loaded.module), validation, reversed_triggers, attack, test, device)
+        ctx = PurifyContext(loaded, train, validation, reversed_triggers, device, seed, settings, task=task, view=view, train_data=suspect,
+                            separation=load_separation(separation, loaded, suspect, clean, device, seed) if suspect is not None else None)
         output = METHODS[method].run(ctx)
-        after = _measure_metrics(output.model, validation, reversed_triggers, attack, test, device)
+        after = _measure_metrics(view(output.model), validation, reversed_triggers, attack, test, device)
     params = {"validation_fraction": validation_fraction, "triggers": triggers, "seed": seed, **output.params}
     return PurifyResult(method, params, before, after, output.model, loaded, reversed_triggers, max_acc_drop, output.history,
                         cost.duration_s, cost.peak_memory_mb)

@@ -34,6 +34,8 @@ class PurifyContext:
     device: torch.device
     seed: int
     settings: dict[str, Any] = field(default_factory=dict)  # the method's settings, resolved by `resolve_settings`
+    task: str = "classifier"  # classifier | encoder
+    view: Callable[[nn.Module], nn.Module] = lambda model: model  # the classifier metrics are taken on (kNN for encoders)
     train_data: LabelledDataset | None = None  # the suspect training set (unlearn-relearn)
     separation: dict[str, Any] | None = None  # a saved `harden.separation/1` record
 
@@ -116,11 +118,12 @@ class BestCheckpoint:
         self.update()
 
     def update(self, *_: Any) -> float:
-        accuracy = evaluate(self.model, self.ctx.validation, device=self.ctx.device).accuracy
-        asr = reversed_asr(self.model, self.ctx.validation, self.ctx.triggers, self.ctx.device) or 0.0
+        view = self.ctx.view(self.model)
+        accuracy = evaluate(view, self.ctx.validation, device=self.ctx.device).accuracy
+        asr = reversed_asr(view, self.ctx.validation, self.ctx.triggers, self.ctx.device) or 0.0
         score = accuracy - asr
         self.history.append({"accuracy": accuracy, "reversed_asr": asr, "score": score})
-        if score > self.best_score + 1e-9:
+        if score >= self.best_score - 1e-9:  # ties go to the later epoch: same validation score, more unlearning
             self.best_score = score
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return score

@@ -1,4 +1,5 @@
-"""`trigger-unlearn`: fine-tune on clean images stamped with the reversed triggers, true labels.
+"""`trigger-unlearn`: fine-tune on clean images stamped with the reversed triggers, true labels
+(for encoders, RECEIVE's unlearning loss: see harden/purify/encoder.py).
 
 The reversed trigger stands in for the unknown real one; training the model to ignore
 it breaks the trigger → target shortcut. Distillation toward the source model on the
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from harden.purify.base import BestCheckpoint, Method, MethodOutput, PurifyContext, distillation, frozen_teacher, register_method
+from harden.purify.encoder import receive_unlearning_loss
 from harden.purify.triggers import stamp_fraction
 from harden.training import TrainConfig, fit
 
@@ -20,8 +22,8 @@ from harden.training import TrainConfig, fit
 class TriggerUnlearn(Method):
     name = "trigger-unlearn"
     description = "fine-tune on clean data stamped with the reversed trigger(s), true labels, distilled toward the source"
-    defaults = {"epochs": 10, "lr": 1e-3, "batch_size": 64, "optimizer": "adam", "trigger_fraction": 0.3, "distill": 1.0,
-                "bn_mode": "update"}
+    defaults = {"epochs": 40, "lr": 3e-4, "batch_size": 64, "optimizer": "adam", "trigger_fraction": 0.3, "distill": 1.0,
+                "bn_mode": "update", "beta": 1.0}  # beta: weight of RECEIVE's alignment term (encoders)
 
     def run(self, ctx: PurifyContext) -> MethodOutput:
         params = dict(ctx.settings)
@@ -29,7 +31,7 @@ class TriggerUnlearn(Method):
         teacher = frozen_teacher(ctx)
         generator = ctx.generator(1)
 
-        def loss_fn(net, images, labels):
+        def classifier_loss(net, images, labels):
             stamped, rows = stamp_fraction(images, ctx.triggers, params["trigger_fraction"], generator)
             logits = net(stamped)
             loss = F.cross_entropy(logits, labels)
@@ -38,6 +40,9 @@ class TriggerUnlearn(Method):
                 loss = loss + params["distill"] * distillation(logits[clean], teacher(images[clean]))
             return loss
 
+        loss_fn = classifier_loss
+        if ctx.task == "encoder":
+            loss_fn = receive_unlearning_loss(ctx.triggers, params["trigger_fraction"], params["beta"], params["distill"], teacher, generator)
         checkpoint = BestCheckpoint(model, ctx)
         config = TrainConfig(epochs=params["epochs"], lr=params["lr"], batch_size=params["batch_size"],
                              optimizer=params["optimizer"], seed=ctx.seed, freeze_norm_stats=params["bn_mode"] == "freeze")

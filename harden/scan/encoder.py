@@ -167,7 +167,7 @@ def trigger_png(inversion: Inversion, scale: int = 4) -> bytes:
     return buffer.getvalue()
 
 
-def _probe(data: LabelledDataset, samples: int, seed: int) -> torch.Tensor:
+def probe_images(data: LabelledDataset, samples: int, seed: int) -> torch.Tensor:
     chosen = np.sort(np.random.default_rng(seed).permutation(len(data))[:samples])
     return torch.cat([images for images, _ in make_loader(data.subset(chosen), 256)])
 
@@ -206,7 +206,7 @@ class EncoderInversionCheck(Check):
     def run(self, ctx: ScanContext) -> CheckResult:
         start = time.perf_counter()
         config = EncoderConfig.from_options(ctx.options)
-        images = _probe(ctx.data, config.samples, ctx.seed).to(ctx.device)
+        images = probe_images(ctx.data, config.samples, ctx.seed).to(ctx.device)
         if len(images) < 2:
             return CheckResult(self.name, SKIPPED, "needs at least 2 images in --data", time.perf_counter() - start)
         encoder = ctx.model.module.eval().to(ctx.device)
