@@ -59,11 +59,12 @@ def fit(
     description: str = "training",
 ) -> list[float]:
     """Train for `config.epochs`; returns the mean loss of each epoch."""
-    model.to(device).train()
+    model.to(device)
     params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
     optimizer = make_optimizer(config.optimizer, params, config.lr, config.weight_decay)
     history: list[float] = []
     for epoch in range(config.epochs):
+        model.train()  # again each epoch: an on_epoch_end evaluation leaves the model in eval mode
         loader = make_loader(data, config.batch_size, shuffle=True, seed=config.seed + epoch)
         total, count = 0.0, 0
         for images, labels in track(loader, f"{description} {epoch + 1}/{config.epochs}", total=len(loader)):
