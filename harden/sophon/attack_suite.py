@@ -28,7 +28,7 @@ from harden.sophon.heads import reinitialise
 from harden.sophon.strategies import STRATEGIES, Strategy, get_strategies
 from harden.training import TrainConfig, fit
 
-Probe = Callable[[nn.Module], float]
+Probe = Callable[[nn.Module], dict]  # measurements of each fine-tuned model (e.g. watermark verification)
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class AttackRun:
     optimizer: str
     lr: float
     accuracy: list[float]  # restricted-domain test accuracy after each epoch
-    probe: float | None = None  # e.g. watermark success of the fine-tuned model
+    probe: dict | None = None  # the probe's measurements of the fine-tuned model
 
     @property
     def best(self) -> float:
