@@ -24,8 +24,7 @@ import time
 import numpy as np
 import torch
 
-from harden.data import TensorDataset, load_data, split
-from harden.evaluation import evaluate
+from harden.data import load_data, split
 from harden.models import InputSpec, create_model
 from harden.report import Report, Table, emit
 from harden.runtime import measure, seed_everything
@@ -53,11 +52,11 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--loss", default="kl-uniform")
-    parser.add_argument("--per-class", type=int, default=10, help="attacker's labelled restricted images per class")
+    parser.add_argument("--per-class", type=int, default=5, help="attacker's labelled restricted images per class")
     parser.add_argument("--wm-loops", type=int, default=200)
     parser.add_argument("--clean-models", type=int, default=5)
     parser.add_argument("--keys", type=int, default=40)
-    parser.add_argument("--skip-watermark", action="store_true")
+    parser.add_argument("--part", choices=("all", "sophon", "watermark"), default="all")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
@@ -72,6 +71,15 @@ def main() -> None:
     source = _source_model(orig_train, args.seed)
     budget = BUDGETS["standard"]
 
+    tables = _sophon_tables(args, source, orig_train, orig_test, defender, attack_train, attack_test, budget) if args.part != "watermark" else []
+    if args.part != "sophon":
+        tables += _watermark_tables(args, source, orig_train, orig_test, budget)
+    emit(Report("harden.bench.sophon/1", f"SOPHON / finetune-test / watermark benchmark (torch threads {torch.get_num_threads()})",
+                {}, tables), "text")
+
+
+def _sophon_tables(args, source, orig_train, orig_test, defender, attack_train, attack_test, budget) -> list[Table]:
+    """SOPHON on the source model, then the standard attack grid on protected, unprotected and scratch."""
     config = OuterConfig(InnerLoop(steps=args.inner_steps), loops=args.loops, lr=args.lr, alpha=args.alpha, seed=args.seed)
     with measure(torch.device("cpu")) as cost:
         result = harden_model(copy.deepcopy(source), orig_train, orig_test, defender, loss=args.loss, config=config)
@@ -80,7 +88,7 @@ def main() -> None:
     suite_s = time.perf_counter() - start
     rows = [[s, suite.best_accuracy("model", s), suite.best_accuracy("baseline", s), suite.scratch_accuracy] for s in budget.strategies]
     best, scratch, baseline = suite.best_attack_accuracy, suite.scratch_accuracy, suite.baseline_accuracy
-    tables = [
+    return [
         Table("SOPHON: original domain (digits test, n=%d)" % len(orig_test), ["metric", "value"], [
             ["accuracy before", round(result.acc_before, 4)], ["accuracy after", round(result.acc_after, 4)],
             ["drop (points)", round(100 * result.acc_drop, 2)], ["outer loops / rollbacks", f"{result.outer.loops_done} / {result.outer.rollbacks}"],
@@ -95,10 +103,6 @@ def main() -> None:
             ["unprotected beats scratch by >= 20 points", round(100 * (baseline - scratch), 2), baseline - scratch >= 0.20],
             ["hardening run < 600 s", cost.duration_s, cost.duration_s < 600]]),
     ]
-    if not args.skip_watermark:
-        tables += _watermark_tables(args, source, orig_train, orig_test, budget)
-    emit(Report("harden.bench.sophon/1", f"SOPHON / finetune-test / watermark benchmark (torch threads {torch.get_num_threads()})",
-                {}, tables), "text")
 
 
 def _watermark_tables(args, source, orig_train, orig_test, budget) -> list[Table]:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 
 import mlflow
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,6 +125,14 @@ def test_sophon_suppresses_the_restricted_domain_and_keeps_the_original(domains,
         x, y = in_memory(restricted).images, torch.as_tensor(restricted.labels)
         assert float(kl(result.model(x), y)) < float(kl(source(x), y))  # closer to uniform on the restricted domain
     assert [h["loop"] for h in result.outer.history] == [10, 20, 30]
+
+
+@pytest.mark.parametrize("loss", sorted(SUPPRESSION_LOSSES))
+def test_every_loss_drives_the_outer_loop(domains, source, loss):
+    (train, test), (restricted, _) = domains
+    result = harden_model(copy.deepcopy(source), train, test, restricted, loss=loss, config=tiny_config(loops=2, eval_every=1, max_acc_drop=1.0))
+    assert all(torch.isfinite(torch.tensor(h["query_loss"])) for h in result.outer.history)
+    assert not torch.equal(result.model.features[0].weight, source.features[0].weight)
 
 
 @pytest.mark.parametrize("guard, stops", [("stop", True), ("rollback", False)])

@@ -21,6 +21,7 @@ from harden.runtime import measure
 from harden.sophon.data import TEST_LIMIT, in_memory
 from harden.sophon.maml import OuterConfig
 from harden.sophon.watermark import commitment, embed, verify
+from harden.training import TrainConfig
 
 _KEY = click.option("--key", envvar="HARDEN_WATERMARK_KEY", show_envvar=True, required=True,
                     help="Secret key (at least 8 characters); prefer the environment variable over the command line.")
@@ -40,13 +41,15 @@ def command() -> None:
               help="Share of each original-domain batch stamped with the key's trigger.")
 @click.option("--decoy-rate", type=click.FloatRange(0, 1), default=0.2, show_default=True,
               help="Share stamped with random decoy patches that keep their label.")
+@click.option("--pretrain-epochs", type=click.IntRange(0), default=5, show_default=True,
+              help="Epochs of ordinary training on stamped batches before the MAML loop (stage 1).")
 @click.option("--test-fraction", type=click.FloatRange(0.05, 0.95), default=0.2, show_default=True)
 @outer_options
 @publish_options
 @report_options
 @common_options
 def embed_command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std, allow_pickle, data, resize, key, finetune_data,
-                  poison_rate, decoy_rate, test_fraction, outer: OuterConfig, register_as, alias, save_model, fmt, output: Path | None) -> int:
+                  poison_rate, decoy_rate, pretrain_epochs, test_fraction, outer: OuterConfig, register_as, alias, save_model, fmt, output: Path | None) -> int:
     """Embed the watermark of --key into MODEL and register the result as a new version.
 
     \b
@@ -63,12 +66,13 @@ def embed_command(ctx: CommandContext, model, arch, num_classes, input_size, mea
     simulated = load_data(finetune_data, loaded.input_spec, num_classes=loaded.num_classes, resize=resize) if finetune_data else train
     source_uri = source_uri_of(loaded)
     params = {"data": data, "finetune_data": finetune_data, "poison_rate": poison_rate, "decoy_rate": decoy_rate,
-              "key_commitment": digest, "key_salt": salt, **outer_params(outer), "device": str(ctx.device), "seed": ctx.seed}
+              "pretrain_epochs": pretrain_epochs, "key_commitment": digest, "key_salt": salt, **outer_params(outer), "device": str(ctx.device), "seed": ctx.seed}
     with tracking.command_run("watermark-embed", source_uri, params) as run:
         with measure(ctx.device) as cost:
             result = embed(loaded.trainable(), in_memory(train), in_memory(test), key, num_classes=loaded.num_classes,
                            finetune_data=in_memory(simulated), config=outer, poison_rate=poison_rate, decoy_rate=decoy_rate,
-                           device=ctx.device)
+                           pretrain=TrainConfig(epochs=pretrain_epochs, lr=outer.lr, batch_size=outer.batch_size,
+                                                optimizer=outer.optimizer, seed=ctx.seed), device=ctx.device)
         kept = result.acc_before - result.acc_after <= outer.max_acc_drop + 1e-9
         metrics = {"acc_before": result.acc_before, "acc_after": result.acc_after, "success_before": result.success_before,
                    "success_after": result.success_after, "duration_s": cost.duration_s}

@@ -1,7 +1,7 @@
 """A fine-tune-resistant ownership watermark (the "irreversible backdoor" idea, algorithms.md §7).
 
 A secret key determines a trigger (a seeded random patch) and a target class. `embed`
-runs the shared MAML loop with the opposite goal to SOPHON: after simulated clean
+implants it by training on stamped batches, then runs the shared MAML loop with the opposite goal to SOPHON: after simulated clean
 fine-tuning the triggered images must still go to the target; the original-domain
 steps train on clean images, key-triggered images relabelled to the target, and
 images stamped with fresh random decoy patches that keep their label (so the model
@@ -29,6 +29,7 @@ from harden.data.pipeline import LabelledDataset, make_loader
 from harden.errors import HardenError
 from harden.evaluation import evaluate
 from harden.sophon.maml import BatchLoss, LoopHook, OuterConfig, OuterResult, train_outer
+from harden.training import TrainConfig, fit
 
 MIN_KEY_LENGTH = 8
 _DOMAIN = b"harden.watermark/1"
@@ -161,14 +162,17 @@ def embed(
     config: OuterConfig | None = None,
     poison_rate: float = 0.2,
     decoy_rate: float = 0.2,
+    pretrain: TrainConfig | None = None,
     device: str | torch.device = "cpu",
     on_check: LoopHook | None = None,
 ) -> WatermarkResult:
     """Embed the key's watermark into `model` (a trainable copy; changed in place).
 
-    `finetune_data` is what the simulated downstream fine-tuning trains on (default:
-    `data`); `config.alpha = 0` skips the simulation and leaves plain poisoning (the
-    stage-1-only baseline).
+    Stage 1 (`pretrain`, default 5 epochs) implants the mapping by ordinary training on
+    stamped batches; stage 2 is the MAML loop that makes it survive fine-tuning, its
+    guard measured from the stage-1 model. `finetune_data` is what the simulated
+    downstream fine-tuning trains on (default: `data`); `config.alpha = 0` skips the
+    simulation and leaves plain poisoning (the baseline the method must beat).
     """
     if not (0.0 < poison_rate and 0.0 <= decoy_rate and poison_rate + decoy_rate < 1.0):
         raise HardenError("poison and decoy rates must be positive fractions summing to less than 1")
@@ -180,6 +184,9 @@ def embed(
         stamped, targets = _stamp_batch(images, labels, mark, poison_rate, decoy_rate)
         return F.cross_entropy(net(stamped), targets)
 
-    outer = train_outer(model, data, eval_data, finetune_data if finetune_data is not None else data, config or OuterConfig(),
+    config = config or OuterConfig()
+    fit(model, data, pretrain or TrainConfig(epochs=5, lr=config.lr, batch_size=config.batch_size, optimizer=config.optimizer, seed=config.seed),
+        loss_fn=original_loss, device=device, description="implanting watermark")
+    outer = train_outer(model, data, eval_data, finetune_data if finetune_data is not None else data, config,
                         query_loss=retention_loss(mark), original_loss=original_loss, device=device, on_check=on_check)
     return WatermarkResult(model, acc_before, evaluate(model, eval_data, device=device).accuracy, success_before, success(), outer)
