@@ -173,7 +173,8 @@ def test_key_derivation_is_deterministic_and_secret():
 
 def test_watermark_verifies_with_its_key_only(domains, source):
     (train, test), _ = domains
-    result = embed(copy.deepcopy(source), train, test, "owner-key-1", num_classes=10, config=tiny_config(loops=60, eval_every=20, lr=3e-3, ntr_steps=2, max_acc_drop=0.15))
+    result = embed(copy.deepcopy(source), train, test, "owner-key-1", num_classes=10, config=tiny_config(loops=10, eval_every=5, lr=3e-3),
+                   pretrain=TrainConfig(epochs=4, lr=3e-3))
     assert result.success_after > 0.8 > result.success_before
     assert verify(result.model, test, "owner-key-1", num_classes=10).present
     assert not verify(result.model, test, "someone-else", num_classes=10).present
@@ -220,8 +221,8 @@ def test_finetune_test_cli_reports_json_and_tags(run_cli, tiny_registered):
 def test_watermark_cli_embeds_verifies_and_never_logs_the_key(run_cli, tiny_registered, monkeypatch):
     key = "cli-secret-key-42"
     monkeypatch.setenv("HARDEN_WATERMARK_KEY", key)
-    code, out, err = run_cli("watermark", "embed", tiny_registered.uri, "--data", "digits", "--loops", "60", "--inner-steps", "2",
-                             "--eval-every", "20", "--lr", "3e-3", "--max-acc-drop", "0.1", "--register-as", "sophon-tiny-wm", "--format", "json", "-q")
+    code, out, err = run_cli("watermark", "embed", tiny_registered.uri, "--data", "digits", "--loops", "6", "--inner-steps", "2",
+                             "--eval-every", "3", "--lr", "3e-3", "--max-acc-drop", "0.1", "--register-as", "sophon-tiny-wm", "--format", "json", "-q")
     assert code == 0, err
     marked = json.loads(out)["output_model_uri"]
     assert run_cli("watermark", "verify", marked, "--data", "digits", "-q")[0] == 0

@@ -12,8 +12,8 @@ from harden.data import load_data
 from harden.models import load_model
 from harden.report import Image, Report, Table, emit
 from harden.runtime import measure
-from harden.sophon.attack_suite import BUDGETS, FineTuneTestResult, check_labels, curves_png, finetune_test
-from harden.sophon.data import attacker_split
+from harden.sophon.attack_suite import BUDGETS, FineTuneTestResult, curves_png, finetune_test
+from harden.sophon.data import attacker_split, check_labels
 from harden.sophon.strategies import STRATEGIES
 
 

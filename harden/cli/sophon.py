@@ -19,7 +19,7 @@ from harden.report import Report, Table, emit
 from harden.runtime import measure
 from harden.sophon import SUPPRESSION_LOSSES, harden_model
 from harden.sophon.attack_suite import BUDGETS, finetune_test
-from harden.sophon.data import attacker_split, in_memory
+from harden.sophon.data import attacker_split
 from harden.sophon.maml import GUARDS, InnerLoop, OuterConfig
 from harden.sophon.strategies import get_strategies
 from harden.training import OPTIMIZERS
@@ -166,7 +166,7 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
     with tracking.command_run("sophon", source_uri, params) as run:
         with measure(ctx.device) as cost:
             source_net = loaded.trainable()
-            result = harden_model(loaded.trainable(), in_memory(original_train), in_memory(original_test), in_memory(restricted_train),
+            result = harden_model(loaded.trainable(), original_train, original_test, restricted_train,
                                   loss=loss, config=outer, device=ctx.device,
                                   on_check=lambda h: tracking.log_metrics({"original_accuracy": h["original_accuracy"],
                                                                            "query_loss": h["query_loss"]}, step=h["loop"]))
@@ -185,7 +185,8 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
         if kept:
             tags = {"harden.method": "sophon", "harden.hardened_from": source_uri, "harden.sophon.loss": loss,
                     "harden.sophon.run_id": run.info.run_id,
-                    **{f"harden.sophon.{k}": f"{v:.4f}" for k, v in metrics.items() if v is not None and k.endswith(("acc_before", "acc_after", "accuracy"))}}
+                    **{f"harden.sophon.{k}": f"{v:.4f}" for k, v in metrics.items()
+                       if v is not None and k.endswith(("acc_before", "acc_after", "accuracy"))}}
             published = publish(result.model.net, loaded, tags=tags, register_as=register_as, alias=alias, output=save_model,
                                 metadata={"hardened_from": source_uri, "method": "sophon"})
         payload = {

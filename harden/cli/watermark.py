@@ -49,7 +49,8 @@ def command() -> None:
 @report_options
 @common_options
 def embed_command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std, allow_pickle, data, resize, key, finetune_data,
-                  poison_rate, decoy_rate, pretrain_epochs, test_fraction, outer: OuterConfig, register_as, alias, save_model, fmt, output: Path | None) -> int:
+                  poison_rate, decoy_rate, pretrain_epochs, test_fraction, outer: OuterConfig, register_as, alias, save_model, fmt,
+                  output: Path | None) -> int:
     """Embed the watermark of --key into MODEL and register the result as a new version.
 
     \b
@@ -66,13 +67,13 @@ def embed_command(ctx: CommandContext, model, arch, num_classes, input_size, mea
     simulated = load_data(finetune_data, loaded.input_spec, num_classes=loaded.num_classes, resize=resize) if finetune_data else train
     source_uri = source_uri_of(loaded)
     params = {"data": data, "finetune_data": finetune_data, "poison_rate": poison_rate, "decoy_rate": decoy_rate,
-              "pretrain_epochs": pretrain_epochs, "key_commitment": digest, "key_salt": salt, **outer_params(outer), "device": str(ctx.device), "seed": ctx.seed}
+              "pretrain_epochs": pretrain_epochs, "key_commitment": digest, "key_salt": salt, **outer_params(outer),
+              "device": str(ctx.device), "seed": ctx.seed}
     with tracking.command_run("watermark-embed", source_uri, params) as run:
         with measure(ctx.device) as cost:
-            result = embed(loaded.trainable(), in_memory(train), in_memory(test), key, num_classes=loaded.num_classes,
-                           finetune_data=in_memory(simulated), config=outer, poison_rate=poison_rate, decoy_rate=decoy_rate,
-                           pretrain=TrainConfig(epochs=pretrain_epochs, lr=outer.lr, batch_size=outer.batch_size,
-                                                optimizer=outer.optimizer, seed=ctx.seed), device=ctx.device)
+            pretrain = TrainConfig(epochs=pretrain_epochs, lr=outer.lr, batch_size=outer.batch_size, optimizer=outer.optimizer, seed=ctx.seed)
+            result = embed(loaded.trainable(), train, test, key, num_classes=loaded.num_classes, finetune_data=simulated, config=outer,
+                           poison_rate=poison_rate, decoy_rate=decoy_rate, pretrain=pretrain, device=ctx.device)
         kept = result.acc_before - result.acc_after <= outer.max_acc_drop + 1e-9
         metrics = {"acc_before": result.acc_before, "acc_after": result.acc_after, "success_before": result.success_before,
                    "success_after": result.success_after, "duration_s": cost.duration_s}

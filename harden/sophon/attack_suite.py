@@ -129,12 +129,6 @@ def finetune(net: nn.Module, strategy: Strategy, recipe: Recipe, epochs: int, ba
     return accuracy
 
 
-def check_labels(train: LabelledDataset, num_classes: int) -> None:
-    top = int(max(train.labels.max(), 0)) if len(train.labels) else -1
-    if top >= num_classes:
-        raise HardenError(f"restricted labels go up to {top} but the model has {num_classes} outputs; relabel to 0..{num_classes - 1}")
-
-
 def finetune_test(
     model: nn.Module,
     train: LabelledDataset,

@@ -30,9 +30,16 @@ def take_per_class(dataset: LabelledDataset, per_class: int, seed: int = 0) -> L
 
 
 def attacker_split(dataset: LabelledDataset, held_out: LabelledDataset | None = None, *, test_fraction: float = 0.3,
-                   train_per_class: int | None = None, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
-    """(train, test) for fine-tuning attacks: `held_out` or a stratified split, a per-class budget, in memory."""
+                   train_per_class: int | None = None, seed: int = 0) -> tuple[LabelledDataset, TensorDataset]:
+    """(train, test) for fine-tuning attacks: `held_out` or a stratified split, and a per-class budget."""
     train, test = (dataset, held_out) if held_out is not None else split(dataset, [1 - test_fraction, test_fraction], seed=seed)
     if train_per_class is not None:
         train = take_per_class(train, train_per_class, seed)
-    return in_memory(train), in_memory(test, TEST_LIMIT, seed)
+    return train, in_memory(test, TEST_LIMIT, seed)  # the test set is evaluated every epoch: decode it once
+
+
+def check_labels(dataset: LabelledDataset, num_classes: int) -> None:
+    """Restricted-domain labels must index the model's outputs (a smaller class count is fine)."""
+    top = int(dataset.labels.max()) if len(dataset.labels) else -1
+    if top >= num_classes:
+        raise HardenError(f"labels go up to {top} but the model has {num_classes} outputs; relabel to 0..{num_classes - 1}")

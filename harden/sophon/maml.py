@@ -236,7 +236,8 @@ def train_outer(
             continue
         acc = _accuracy(model, guard_set, device)
         passed = acc >= acc_start - config.max_acc_drop
-        history.append({"loop": loops_done, "query_loss": float(np.mean(query_losses)) if query_losses else None, "original_accuracy": acc, "passed": passed})
+        history.append({"loop": loops_done, "query_loss": float(np.mean(query_losses)) if query_losses else None,
+                        "original_accuracy": acc, "passed": passed})
         query_losses = []
         if on_check is not None:
             on_check(history[-1])

@@ -16,6 +16,7 @@ from torch import nn
 
 from harden.data.pipeline import LabelledDataset
 from harden.evaluation import evaluate
+from harden.sophon.data import check_labels
 from harden.sophon.losses import get_loss
 from harden.sophon.maml import LoopHook, OuterConfig, OuterResult, train_outer
 
@@ -48,6 +49,8 @@ def harden_model(
     """Make `model` (a trainable copy; changed in place) resist fine-tuning on `restricted`."""
     config = config or OuterConfig()
     suppress = get_loss(loss)
+    with torch.no_grad():
+        check_labels(restricted, int(model.to(device).eval()(restricted[0][0][None].to(device)).shape[1]))
     acc_before = evaluate(model, original_eval, device=device).accuracy
     outer = train_outer(model, original, original_eval, restricted, config,
                         query_loss=lambda net, images, labels: suppress(net(images), labels), device=device, on_check=on_check)
