@@ -193,7 +193,7 @@ def tiny_registered(mlflow_home, source):
 
 def test_sophon_cli_registers_a_tagged_version(run_cli, tiny_registered, tmp_path):
     code, out, err = run_cli("sophon", tiny_registered.uri, "--original-data", "digits", "--restricted-data", "digits-inverted",
-                             "--loops", "4", "--inner-steps", "2", "--eval-every", "2", "--check", "quick", "--max-acc-drop", "0.2",
+                             "--loops", "4", "--inner-steps", "2", "--query-at-end", "--eval-every", "2", "--check", "quick", "--max-acc-drop", "0.2",
                              "--alias", "sophon", "--format", "json", "-q")
     assert code == 0, err
     payload = json.loads(out)

@@ -47,7 +47,8 @@ def _strategies(_ctx, _param, value: str) -> tuple[str, ...]:
         raise click.BadParameter(str(exc)) from None
 
 
-_OUTER_OPTIONS = ("strategies", "inner_optimizers", "inner_steps", "inner_batch_size", "query_fraction", "trajectories", "loops", "lr",
+_OUTER_OPTIONS = ("strategies", "inner_optimizers", "inner_steps", "inner_batch_size", "query_fraction", "query_at_end",
+                  "trajectories", "loops", "lr",
                   "alpha", "beta", "outer_optimizer", "clip", "ntr_steps", "batch_size", "max_acc_drop", "guard", "eval_every", "eval_size")
 
 
@@ -63,6 +64,7 @@ def outer_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--inner-batch-size", type=click.IntRange(2), default=inner.batch_size, show_default=True),
         click.option("--query-fraction", type=click.FloatRange(0.01, 0.99), default=inner.query_fraction, show_default=True,
                      help="Share of each inner batch held out as the query set."),
+        click.option("--query-at-end", is_flag=True, help="Apply the query loss only after the last inner step (default: after every step)."),
         click.option("--trajectories", type=click.IntRange(1), default=inner.trajectories, show_default=True, help="Trajectories per outer step."),
         click.option("--loops", type=click.IntRange(1), default=defaults.loops, show_default=True, help="Outer loops."),
         click.option("--lr", type=float, default=defaults.lr, show_default=True, help="Base outer learning rate η."),
@@ -86,7 +88,7 @@ def outer_options(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args, **kwargs):
         o = {k: kwargs.pop(k) for k in _OUTER_OPTIONS}
         inner_loop = InnerLoop(o["inner_optimizers"], o["inner_steps"], o["inner_batch_size"], o["query_fraction"],
-                               strategies=o["strategies"], trajectories=o["trajectories"])
+                               not o["query_at_end"], o["strategies"], o["trajectories"])
         outer = OuterConfig(inner_loop, o["loops"], o["lr"], o["alpha"], o["beta"], o["outer_optimizer"], o["clip"], o["ntr_steps"],
                             o["batch_size"], o["max_acc_drop"], o["guard"], eval_every=o["eval_every"], eval_size=o["eval_size"])
         return func(*args, outer=outer, **kwargs)
@@ -114,7 +116,7 @@ def outer_params(outer: OuterConfig) -> dict[str, Any]:
             "clip": outer.clip, "ntr_steps": outer.ntr_steps, "batch_size": outer.batch_size, "max_acc_drop": outer.max_acc_drop,
             "guard": outer.guard, "eval_every": outer.eval_every, "eval_size": outer.eval_size,
             "inner": {"optimizers": ",".join(f"{n}:{lr:g}" for n, lr in inner.optimizers), "steps": inner.steps,
-                      "batch_size": inner.batch_size, "query_fraction": inner.query_fraction,
+                      "batch_size": inner.batch_size, "query_fraction": inner.query_fraction, "query_every_step": inner.query_every_step,
                       "strategies": ",".join(inner.strategies), "trajectories": inner.trajectories}}
 
 

@@ -31,15 +31,11 @@ from harden.errors import HardenError
 from harden.evaluation import evaluate
 from harden.sophon.heads import find_head
 from harden.sophon.strategies import get_strategies
-from harden.training import make_optimizer
+from harden.training import cross_entropy, make_optimizer
 
 # (model, images, labels) -> scalar loss to minimise.
 BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 LoopHook = Callable[[dict], None]
-
-
-def cross_entropy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(images), labels)
 
 
 class BatchStream:
@@ -68,7 +64,7 @@ class InnerLoop:
 
     # (optimiser, lr) pairs; each trajectory samples one, like it samples a strategy.
     optimizers: tuple[tuple[str, float], ...] = (("sgd", 0.01), ("adam", 0.001))
-    steps: int = 10
+    steps: int = 40
     batch_size: int = 64
     query_fraction: float = 0.15  # reference: 130 support / 20 query of 150
     query_every_step: bool = True
@@ -131,7 +127,7 @@ def outer_gradient(model: nn.Module, stream: BatchStream, inner: InnerLoop, quer
 @dataclass
 class OuterConfig:
     inner: InnerLoop = field(default_factory=InnerLoop)
-    loops: int = 200
+    loops: int = 300
     lr: float = 1e-3  # η; FTS lr = α·η, NTR lr = β·η
     alpha: float = 1.0
     beta: float = 1.0
