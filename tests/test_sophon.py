@@ -27,6 +27,15 @@ from tests.conftest import registry_snapshot
 SPEC = InputSpec(1, 8, 8)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train faster on one thread than on two contended ones."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def domains():
     original = in_memory(load_data("digits", SPEC))

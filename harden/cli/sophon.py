@@ -186,7 +186,7 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
         published = None
         if kept:
             tags = {"harden.method": "sophon", "harden.hardened_from": source_uri, "harden.sophon.loss": loss,
-                    "harden.sophon.run_id": run.info.run_id,
+                    "harden.sophon.run_id": run.info.run_id, "harden.version": __version__,
                     **{f"harden.sophon.{k}": f"{v:.4f}" for k, v in metrics.items()
                        if v is not None and k.endswith(("acc_before", "acc_after", "accuracy"))}}
             published = publish(result.model.net, loaded, tags=tags, register_as=register_as, alias=alias, output=save_model,

@@ -81,7 +81,7 @@ def embed_command(ctx: CommandContext, model, arch, num_classes, input_size, mea
         published = None
         if kept:
             tags = {"harden.method": "watermark", "harden.hardened_from": source_uri, "harden.watermark.commitment": digest,
-                    "harden.watermark.salt": salt, "harden.watermark.run_id": run.info.run_id,
+                    "harden.watermark.salt": salt, "harden.watermark.run_id": run.info.run_id, "harden.version": __version__,
                     **{f"harden.watermark.{k}": f"{v:.4f}" for k, v in metrics.items() if k != "duration_s"}}
             published = publish(result.model.net, loaded, tags=tags, register_as=register_as, alias=alias, output=save_model,
                                 metadata={"hardened_from": source_uri, "method": "watermark", "watermark_commitment": digest,
