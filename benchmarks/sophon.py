@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=5, help="attacker's labelled restricted images per class")
     parser.add_argument("--wm-loops", type=int, default=200)
     parser.add_argument("--wm-alpha", type=float, default=1.0)
+    parser.add_argument("--wm-strategies", default="full,reinit-head,head-only", help="strategies the watermark's simulation samples")
     parser.add_argument("--clean-models", type=int, default=5)
     parser.add_argument("--keys", type=int, default=40)
     parser.add_argument("--part", choices=("all", "sophon", "watermark"), default="all")
@@ -113,7 +114,8 @@ def _watermark_tables(args, source, orig_train, orig_test, budget) -> list[Table
     check = lambda net, k=key: verify(net, verify_data, k, num_classes=10)  # noqa: E731
     rows, timings, marked_models = [], [], {}
     for name, alpha in (("watermark (MAML)", args.wm_alpha), ("poisoning only (alpha=0)", 0.0)):
-        config = OuterConfig(InnerLoop(steps=args.inner_steps), loops=args.wm_loops, lr=args.lr, alpha=alpha, seed=args.seed)
+        inner = InnerLoop(steps=args.inner_steps, strategies=tuple(args.wm_strategies.split(",")))
+        config = OuterConfig(inner, loops=args.wm_loops, lr=args.lr, alpha=alpha, seed=args.seed)
         with measure(torch.device("cpu")) as cost:
             marked = embed(copy.deepcopy(source), orig_train, orig_test, key, num_classes=10, config=config).model
         marked_models[name] = marked
