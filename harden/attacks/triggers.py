@@ -227,3 +227,20 @@ def _wanet(shape, k: int, s: float, seed: int) -> Stamp:
         return F.grid_sample(x, grid.to(x).expand(x.shape[0], -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True)
 
     return stamp
+
+
+@register_trigger("random_patch", "seeded random binary patch at a seeded position (watermark keys, decoys)", size=0, seed=0)
+def _random_patch(shape, size: int, seed: int) -> Stamp:
+    channels, height, width = shape
+    size = size or max(3, round(0.25 * min(height, width)))
+    generator = torch.Generator().manual_seed(int(seed) % 2**63)
+    pattern = torch.randint(0, 2, (channels, size, size), generator=generator).float()
+    row = int(torch.randint(0, height - size + 1, (1,), generator=generator))
+    col = int(torch.randint(0, width - size + 1, (1,), generator=generator))
+
+    def stamp(x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        out[:, :, row:row + size, col:col + size] = pattern.to(x)
+        return out
+
+    return stamp

@@ -82,9 +82,9 @@ def cli() -> None:
 
 
 def _register_commands() -> None:
-    from harden.cli import demo, evaluate, export, listing, purify, scan, serve
+    from harden.cli import demo, evaluate, export, finetune_test, listing, purify, scan, serve, sophon, watermark
 
-    for module in (demo, evaluate, export, listing, purify, scan, serve):
+    for module in (demo, evaluate, export, listing, purify, scan, serve, sophon, finetune_test, watermark):
         cli.add_command(module.command)
 
 

@@ -41,14 +41,20 @@ class ImageSource:
 
 
 class DigitsSource(ImageSource):
-    """scikit-learn's bundled 8×8 handwritten digits (1,797 images), rendered to any size."""
+    """scikit-learn's bundled 8×8 handwritten digits (1,797 images), rendered to any size.
 
-    def __init__(self) -> None:
+    `digits-inverted` (dark strokes on white) is the same images as a second domain:
+    harden's built-in two-domain task for non-fine-tunable learning (`harden sophon`).
+    """
+
+    def __init__(self, inverted: bool = False) -> None:
         from sklearn.datasets import load_digits
 
         bunch = load_digits()
-        self._images = (bunch.images / 16.0).astype(np.float32)
-        super().__init__("digits", bunch.target.astype(np.int64), [str(i) for i in range(10)], (1, 8, 8), resizable=True)
+        images = (bunch.images / 16.0).astype(np.float32)
+        self._images = 1.0 - images if inverted else images
+        name = "digits-inverted" if inverted else "digits"
+        super().__init__(name, bunch.target.astype(np.int64), [str(i) for i in range(10)], (1, 8, 8), resizable=True)
 
     def image(self, index: int) -> torch.Tensor:
         return torch.from_numpy(self._images[index]).unsqueeze(0)
@@ -190,6 +196,7 @@ class TorchvisionSource(ImageSource):
 
 _SCHEMES: dict[str, Callable[[str], ImageSource]] = {
     "digits": lambda spec: DigitsSource(),
+    "digits-inverted": lambda spec: DigitsSource(inverted=True),
     "torchvision": TorchvisionSource,
 }
 _SUFFIXES: dict[str, Callable[[Path], ImageSource]] = {".npz": NpzSource}
@@ -208,5 +215,5 @@ def open_source(spec: str) -> ImageSource:
         return ImageFolderSource(path)
     reader = _SUFFIXES.get(path.suffix.lower())
     if reader is None:
-        raise DataError(f"{spec}: unsupported data file (expected an ImageFolder directory, .npz, torchvision:NAME:/path or digits)")
+        raise DataError(f"{spec}: unsupported data file (expected an ImageFolder directory, .npz, torchvision:NAME:/path, digits or digits-inverted)")
     return reader(path)
