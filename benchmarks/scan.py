@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zoo import SPEC, ZOO_DIR, load_zoo, zoo_data  # noqa: E402
+from zoo import ZOO_DIR, load_zoo, zoo_data  # noqa: E402
 
 from harden.data import to_uint8_arrays  # noqa: E402
 from harden.models import load_model  # noqa: E402
@@ -37,29 +37,24 @@ from harden.report import Report, Table, emit  # noqa: E402
 from harden.scan import scan  # noqa: E402
 from harden.scan import verdict as calibration  # noqa: E402
 from harden.scan.classifier import probe_set  # noqa: E402
-from harden.scan.inversion import ClassTrigger, InversionConfig, invert_triggers, statistics  # noqa: E402
+from harden.scan.inversion import InversionConfig, invert_triggers  # noqa: E402
 
 STATS_FILE = ZOO_DIR / "scan_stats.json"
 
 
 def _scan_all(zoo, clean_npz: Path, rescan: bool) -> dict:
-    """Scan each zoo model once; per-class results are cached (re-scan after changing the inversion).
-
-    Model statistics are recomputed from the cached per-class results, so a change to
-    `statistics()` or the calibration features needs no re-scan."""
     cached = json.loads(STATS_FILE.read_text()) if STATS_FILE.exists() and not rescan else {}
     for entry in zoo:
-        if "per_class" in cached.get(entry.name, {}):
+        if entry.name in cached:
             continue
         start = time.perf_counter()
         result = scan(str(entry.path), data=str(clean_npz), checks=["inversion"], load_options={"arch": entry.arch})
         inversion = result.checks[0]
-        cached[entry.name] = {"per_class": inversion.details["per_class"], "seconds": time.perf_counter() - start,
-                              "peak_memory_mb": result.peak_memory_mb, "steps": inversion.details["optimisation_steps"]}
+        cached[entry.name] = {"statistics": inversion.details["statistics"], "seconds": time.perf_counter() - start,
+                              "peak_memory_mb": result.peak_memory_mb, "steps": inversion.details["optimisation_steps"],
+                              "suspects": inversion.details["suspect_classes"]}
         print(f"scanned {entry.name} in {cached[entry.name]['seconds']:.1f}s", flush=True)
         STATS_FILE.write_text(json.dumps(cached, indent=1))
-    for record in cached.values():
-        record["statistics"] = statistics([ClassTrigger(**c) for c in record["per_class"]], SPEC.shape)
     return cached
 
 

@@ -70,7 +70,6 @@ class ClassTrigger:
     succeeded: bool
     steps: int
     margin: float = 0.0  # MM-BD maximum margin reached for this class
-    warmup_norm: float = 0.0  # best norm after the warm-up, which every class gets in full (H·W if none succeeded yet)
     anomaly_index: float = 0.0  # one-sided MAD index of the norm (below-median classes only)
     mask: torch.Tensor | None = field(default=None, repr=False)
     pattern: torch.Tensor | None = field(default=None, repr=False)
@@ -118,13 +117,6 @@ class _ClassState:
         self.steps = 0
         self.active = True
         self.converged = False
-        self.warmup_norm = float(height * width)
-
-    def end_warmup(self) -> None:
-        """Record the norm reached on the budget all classes share: comparable across classes,
-        unlike the final norms of which only the kept classes are fully optimised."""
-        if self.best is not None:
-            self.warmup_norm = self.best_norm
 
     def mask(self) -> torch.Tensor:
         return torch.tanh(self.theta_m) / _TANH_SCALE + 0.5
@@ -136,16 +128,16 @@ class _ClassState:
         """Update the cost schedule; keep a new best only if it also succeeds on the whole pool.
 
         A minibatch success alone lets the mask shrink onto a few lucky images; checking
-        the class's full probe pool keeps the reversed trigger one that generalises. Only
-        improvements beyond `early_stop_tol` are worth that extra forward pass."""
+        the class's full probe pool keeps the reversed trigger one that generalises."""
         self.steps += 1
         self.last_norm = norm
         if asr >= config.success_asr:
             self.ups, self.downs = self.ups + 1, 0
-            if norm < self.best_norm * (1 - config.early_stop_tol):
+            if norm < self.best_norm:
                 mask, pattern = self.mask().detach().clone(), self.pattern().detach().clone()
                 if verify(mask, pattern) >= config.success_asr:
-                    self.last_improvement = self.steps
+                    if norm < self.best_norm * (1 - config.early_stop_tol):
+                        self.last_improvement = self.steps
                     self.best_norm, self.best = norm, (mask, pattern)
         else:
             self.ups, self.downs = 0, self.downs + 1
@@ -212,11 +204,8 @@ def invert_triggers(
     total_steps = 0
     step = 0
     while any(s.active for s in states):
-        if step == config.warmup_steps:
-            for state in states:
-                state.end_warmup()
-            if config.keep_fraction < 1.0:
-                _prune(states, config)
+        if step == config.warmup_steps and config.keep_fraction < 1.0:
+            _prune(states, config)
         active = [s for s in states if s.active]
         groups = [active] if strategy == "batched" else [[s] for s in active]
         for group in groups:
@@ -241,9 +230,6 @@ def invert_triggers(
         step += 1
         if progress is not None:
             progress(step, config.max_steps)
-    if step <= config.warmup_steps:  # everything stopped before or right at the end of the warm-up
-        for state in states:
-            state.end_warmup()
     classes = [_finish(s, model, held_x.to(device), held_y.to(device)) for s in states]
     margins = max_margins(model, shape, num_classes, config, device=device, seed=seed)
     for trigger, margin in zip(classes, margins):
@@ -278,7 +264,7 @@ def _finish(state: _ClassState, model: nn.Module, held_x: torch.Tensor, held_y: 
         asr = float((model(stamped).argmax(1) == state.target).float().mean())
     norm = state.best_norm if state.best is not None else float(mask.sum())
     return ClassTrigger(state.target, float(norm), asr, state.converged, state.best is not None, state.steps,
-                        warmup_norm=float(state.warmup_norm), mask=mask.cpu(), pattern=pattern.cpu())
+                        mask=mask.cpu(), pattern=pattern.cpu())
 
 
 def max_margins(model: nn.Module, shape: tuple[int, ...], num_classes: int, config: InversionConfig, *, device, seed: int = 0) -> list[float]:
