@@ -1,7 +1,7 @@
 """A zoo of clean and backdoored models for calibrating and benchmarking `harden scan`.
 
 Two architectures (small_cnn, resnet8_narrow), digits rendered 3×32×32, triggers from
-harden.attacks (patch, blend, SIG, warp, ) toward varying targets, several
+harden.attacks (patch, blend, SIG, warp) toward varying targets, several
 seeds. Models are cached as safetensors under benchmarks/.zoo/ (git-ignored), so the
 scan and purify benchmarks re-use them. A "backdoored" model must reach ASR ≥ 0.8 on
 held-out data; attacks that fail to implant are recorded as such and left out.
@@ -31,6 +31,7 @@ ZOO_DIR = Path(__file__).parent / ".zoo"
 SPEC = InputSpec(3, 32, 32)
 ARCHS = ("small_cnn", "resnet8_narrow")
 ATTACKS = ("grid_paste", "blend", "sig", "wanet:k=4,s=1.0")
+CLEAN_SEEDS = 6  # per architecture: the clean side of the calibration needs its own spread, not just 4 draws
 
 
 @dataclass
@@ -61,8 +62,8 @@ def zoo_data(seed: int = 0) -> tuple[LabelledDataset, LabelledDataset, LabelledD
 def zoo_plan() -> list[ZooModel]:
     plan = []
     for arch in ARCHS:
-        for seed in range(4):
-            plan.append(ZooModel(f"{arch}-clean-s{seed}", arch, None, None, seed, "fit" if seed < 2 else "holdout"))
+        for seed in range(CLEAN_SEEDS):
+            plan.append(ZooModel(f"{arch}-clean-s{seed}", arch, None, None, seed, "fit" if seed % 4 < 2 else "holdout"))
         for i, attack in enumerate(ATTACKS):
             for seed in range(2):
                 target = (3 * i + 2 * seed + 1) % 10

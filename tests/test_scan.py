@@ -13,6 +13,7 @@ from harden.models import InputSpec, create_model
 from harden.scan import VERDICTS, combine, scan
 from harden.scan.base import ERROR, FAILED, PASSED, SKIPPED, CheckResult
 from harden.scan.inversion import InversionConfig, invert_triggers, mad_anomaly
+from harden.scan.verdict import FEATURES, Calibration
 from harden.training import TrainConfig, fit
 from tests.conftest import CustomNet
 
@@ -125,6 +126,18 @@ def test_verdict_combination_rules():
     assert combine([backdoor]) == ("backdoor", 0.9, [3])
     assert combine([clean]) == ("clean", 0.1, [])
     assert combine([broken])[0] == "inconclusive"
+
+
+def test_shipped_calibration_uses_the_current_features_and_is_monotone():
+    """calibration.json must be refitted whenever FEATURES change; smaller triggers and larger
+    margin anomalies must both raise p_backdoor."""
+    calibration = Calibration.load()
+    assert tuple(calibration.features) == FEATURES and len(calibration.coef) == len(FEATURES)
+    typical = {"norm_gap": 0.5, "anomaly_index": 1.0, "min_norm_fraction": 0.01, "top_asr": 1.0, "margin_anomaly": 3.0}
+    p = calibration.probability(typical)
+    assert 0 < p < 1
+    assert calibration.probability({**typical, "min_norm_fraction": 0.002}) > p
+    assert calibration.probability({**typical, "margin_anomaly": 20.0}) > p
 
 
 def test_mad_anomaly_flags_the_low_outlier():
