@@ -178,13 +178,26 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "image"
 
 
-def log_model(net, input_shape: tuple[int, int, int], harden_metadata: Mapping[str, Any], name: str = "model"):
-    """Log a model as pt2 with a batch-2 numpy example: pt2 + pyfunc flavors, dynamic batch."""
+def eval_mode(net):
+    """`net` in eval mode on CPU; torch.export GraphModules refuse `.eval()` and are always in it."""
+    try:
+        net.eval()
+    except NotImplementedError:
+        pass
+    return net.cpu()
+
+
+def example_input(input_shape: tuple[int, int, int], batch: int = 2) -> np.ndarray:
+    """The input example MLflow exports and signs models with: batch > 1 keeps the batch dynamic."""
+    return np.zeros((batch, *input_shape), dtype=np.float32)
+
+
+def log_model(net, input_shape: tuple[int, int, int], harden_metadata: Mapping[str, Any], name: str = "model", example_batch: int = 2):
+    """Log a model as pt2 (+ pyfunc) with a numpy example; a batch-2 example gives a dynamic batch."""
     import mlflow
 
-    example = np.zeros((2, *input_shape), dtype=np.float32)
-    net = net.eval().cpu()
-    return mlflow.pytorch.log_model(net, name=name, input_example=example, metadata={"harden": dict(harden_metadata)})
+    return mlflow.pytorch.log_model(eval_mode(net), name=name, input_example=example_input(input_shape, example_batch),
+                                    metadata={"harden": dict(harden_metadata)})
 
 
 def register_model(model_uri: str, name: str, tags: Mapping[str, str] | None = None, alias: str | None = None) -> RegisteredVersion:

@@ -6,7 +6,9 @@ guardrail tripped), 2 error or bad input (one line; traceback with -v), 4 usage 
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import traceback
 
 import click
@@ -23,6 +25,7 @@ class HardenGroup(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         STATE["verbose"] = 0
+        _interrupt_on_sigterm()
         try:
             result = super().main(args=args, prog_name=prog_name or "harden", complete_var=complete_var, standalone_mode=False, **extra)
             code = result if isinstance(result, int) else EXIT_OK
@@ -49,6 +52,17 @@ class HardenGroup(click.Group):
         if standalone_mode:
             sys.exit(code)
         return code
+
+
+def _raise_interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupt_on_sigterm() -> None:
+    """`kill` unwinds like Ctrl-C, so cleanup (deleting a half-registered version,
+    temporary files) runs for both."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 @click.group(cls=HardenGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

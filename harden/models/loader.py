@@ -10,6 +10,7 @@ refused unless `allow_pickle=True`, and even then are opcode-scanned first.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import zipfile
@@ -53,20 +54,28 @@ class LoadedModel:
     _tmp: Any = field(default=None, repr=False)
 
     def trainable(self) -> PixelModel:
-        """Rebuild the registered architecture as a plain trainable `nn.Module` with these weights.
+        """A trainable copy of the model, for methods that update weights.
 
-        Needed by methods that update weights: a pt2 GraphModule cannot switch to
-        train mode. Raises when the architecture is not known (pass `arch=`).
+        A known architecture is rebuilt as a plain `nn.Module` with these weights. An
+        unknown one is trained as it was loaded: a pt2 GraphModule's parameters take
+        gradients like any module's (its BatchNorm layers keep their exported eval
+        statistics), and a pickled module (loaded only with --allow-pickle) is copied.
         """
-        if self.arch is None:
-            raise ModelLoadError(f"{self.uri}: architecture unknown; pass --arch (see `harden list archs`)")
-        net = create_model(self.arch, num_classes=self.num_classes, **self.arch_kwargs)
-        state = self._state_dict if self._state_dict is not None else self.module.net.state_dict()
-        try:
-            net.load_state_dict(_strip_prefix(state), strict=True)
-        except RuntimeError as exc:
-            raise ModelLoadError(f"{self.uri}: weights do not fit architecture {self.arch!r}: {str(exc).splitlines()[0]}") from None
-        return PixelModel(net, self.mean, self.std)
+        static_batch = None
+        if self.arch is not None:
+            net = create_model(self.arch, num_classes=self.num_classes, **self.arch_kwargs)
+            state = self._state_dict if self._state_dict is not None else self.module.net.state_dict()
+            try:
+                net.load_state_dict(_strip_prefix(state), strict=True)
+            except RuntimeError as exc:
+                raise ModelLoadError(f"{self.uri}: weights do not fit architecture {self.arch!r}: {str(exc).splitlines()[0]}") from None
+        elif self.format in ("pt2", "pickle"):
+            net, static_batch = copy.deepcopy(self.module.net), self.module.static_batch
+        else:
+            raise ModelLoadError(f"{self.uri}: a {self.format} model cannot be trained; pass --arch (see `harden list archs`)")
+        for param in net.parameters():
+            param.requires_grad_(True)
+        return PixelModel(net, self.mean, self.std, static_batch)
 
     def harden_metadata(self) -> dict[str, Any]:
         """What harden records in the MLmodel metadata of models it writes."""

@@ -1,0 +1,96 @@
+"""Publish a model harden has changed (purified, hardened, watermarked) as a new version.
+
+The order is what keeps the registry clean: the caller first checks its guardrails, then
+the complete model is logged to the command's run, registered in one call that carries
+every tag, and only then is the alias moved. An interrupt or failure after registration
+deletes the version again (`tracking.register_model`), and `--output` is written to a
+temporary directory that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from torch import nn
+
+from harden import tracking
+from harden.errors import HardenError
+from harden.models.loader import LoadedModel
+from harden.models.spec import RegisteredVersion
+
+
+@dataclass
+class PublishedModel:
+    logged_uri: str  # runs:/<run>/model
+    version: RegisteredVersion | None = None
+    local_path: Path | None = None
+
+    @property
+    def uri(self) -> str:
+        """The registry URI when registered, else the run's model URI."""
+        return self.version.uri if self.version else self.logged_uri
+
+
+def check_output_dir(output: Path | None) -> None:
+    """Refuse an `--output` that would overwrite something, before any work is done."""
+    if output is not None and output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise HardenError(f"--output {output} already exists and is not empty; choose a new directory")
+
+
+def target_name(source: LoadedModel, register_as: str | None) -> str | None:
+    """The registered model a result goes to: `--register-as`, else the source's own name."""
+    return register_as or (source.registered.name if source.registered else None)
+
+
+def publish(
+    net: nn.Module,
+    source: LoadedModel,
+    *,
+    tags: Mapping[str, Any],
+    register_as: str | None = None,
+    alias: str | None = None,
+    output: Path | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> PublishedModel:
+    """Log `net` (the raw network, without harden's pixel wrapper) in the input's layout and register it.
+
+    `net` must take the same input as `source` (same normalisation, same shape); its
+    harden metadata is the source's plus `metadata`. Without a registered source and
+    without `register_as` the model is only logged to the run.
+    """
+    meta = {**source.harden_metadata(), **(metadata or {})}
+    shape = source.input_spec.shape if source.input_spec else None
+    if shape is None:
+        raise HardenError(f"{source.uri}: input shape unknown; pass --input-size")
+    example_batch = source.module.static_batch or 2
+    info = tracking.log_model(net, shape, meta, example_batch=example_batch)
+    published = PublishedModel(info.model_uri)
+    if output is not None:
+        published.local_path = _save_local(net, shape, meta, example_batch, output)
+    name = target_name(source, register_as)
+    if name is not None:
+        published.version = tracking.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()}, alias=alias)
+    return published
+
+
+def _save_local(net: nn.Module, shape: tuple[int, int, int], meta: Mapping[str, Any], example_batch: int, output: Path) -> Path:
+    import mlflow
+
+    check_output_dir(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        model_dir = staging / "model"
+        mlflow.pytorch.save_model(tracking.eval_mode(net), str(model_dir), input_example=tracking.example_input(shape, example_batch),
+                                  metadata={"harden": dict(meta)})
+        if output.exists():
+            output.rmdir()  # empty, checked above
+        os.replace(model_dir, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output
