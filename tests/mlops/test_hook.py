@@ -142,3 +142,47 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_burst_of_200_events_loses_none_and_scans_each_version_once(demo, mlflow_server, start_hook, tmp_path):
+    import sqlite3
+
+    client = mlflow_server.client()
+    hook = start_hook(tmp_path / "queue.db", "--checks", "artifact", "--workers", "2")
+    events = ["model_version.created", "model_version_alias.created", "model_version_tag.set"]
+    webhook = client.create_webhook("harden-burst", hook.url, events, secret=SECRET)
+    try:
+        time.sleep(1.2)  # the server caches webhook lists for 1 s
+        versions = [register_copy(mlflow_server, demo, "hook-burst").version for _ in range(4)]
+        for i in range(98):  # promotions and user tags, as fast as the client can send them
+            client.set_registered_model_alias("hook-burst", "staging", versions[i % 4])
+            client.set_model_version_tag("hook-burst", versions[i % 4], "team", f"t{i}")
+        queue = JobQueue(hook.queue_path)
+
+        def outcomes() -> dict[str, int]:
+            with sqlite3.connect(hook.queue_path) as conn:
+                return dict(conn.execute("SELECT outcome, COUNT(*) FROM deliveries GROUP BY outcome").fetchall())
+
+        def settled() -> bool:
+            by_outcome = outcomes()
+            mine = sum(n for outcome, n in by_outcome.items() if outcome != "ignored: harden's own tag write")
+            return mine >= 200 and by_outcome.get("ignored: harden's own tag write", 0) >= 16 and \
+                all(j.state in ("done", "failed") for j in queue.jobs())
+
+        wait_for(settled, 240, "200 deliveries and every job")
+        by_outcome = outcomes()
+        assert by_outcome["queued"] == 4 + 98 and by_outcome["ignored: event not handled"] == 98  # none lost, none doubled
+        assert by_outcome["ignored: harden's own tag write"] == 16  # 4 scan tags per version, each one event
+        scans = [j for j in queue.jobs() if j.kind == "scan"]
+        assert sorted(j.version for j in scans) == sorted(versions)
+        assert all(j.state == "done" and j.attempts == 1 for j in scans)
+        assert all(j.state == "done" for j in queue.jobs() if j.kind == "alias")
+        experiment = client.get_experiment_by_name("harden")
+        for version in versions:
+            runs = client.search_runs([experiment.experiment_id], "tags.`harden.command` = 'scan' and "
+                                      f"tags.`harden.source_model_uri` = 'models:/hook-burst/{version}'")
+            assert len(runs) == 1  # each version scanned exactly once
+            tags = client.get_model_version("hook-burst", version).tags
+            assert tags["harden.scan.run_id"] == runs[0].info.run_id and tags["harden.scan.verdict"] == "inconclusive"
+    finally:
+        client.delete_webhook(webhook.webhook_id)
