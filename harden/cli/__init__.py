@@ -78,9 +78,9 @@ def cli() -> None:
 
 
 def _register_commands() -> None:
-    from harden.cli import demo, evaluate, export, hook, listing, scan, serve
+    from harden.cli import demo, evaluate, export, fleet, gate, hook, listing, scan, serve
 
-    for module in (demo, evaluate, export, listing, scan, serve, hook):
+    for module in (demo, evaluate, export, listing, scan, serve, gate, hook, fleet):
         cli.add_command(module.command)
 
 
