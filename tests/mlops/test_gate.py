@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 
 import mlflow
 
 from harden import __version__
+from tests.mlops.conftest import REPO, child_env
 
 STRICT = """
 version: 1
@@ -52,6 +55,15 @@ def test_gate_fails_a_backdoored_model_then_reuses_the_scan(demo, run_cli, tmp_p
     assert code == 0, err
     assert json.loads(out)["cached_scan"] is True and json.loads(out)["decision"] == "pass"
     assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
+
+    # examples/pre_deploy.py: the same gate from a deployment script, promoting only on a pass
+    script = [sys.executable, str(REPO / "examples/pre_deploy.py"), uri, "--cached-only", "--promote", "champion"]
+    assert subprocess.run([*script, "--policy", "harden-policy.yaml"], env=child_env(), capture_output=True).returncode == 1
+    assert "champion" not in client.get_registered_model("harden-demo").aliases
+    done = subprocess.run([*script, "--policy", "lenient.yaml"], env=child_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert client.get_model_version_by_alias("harden-demo", "champion").version == demo.version.version
+    client.delete_registered_model_alias("harden-demo", "champion")
 
 
 def test_gate_bad_input_is_one_line_exit_2(demo, run_cli, tmp_path):
