@@ -62,7 +62,7 @@ def test_gate_fails_a_backdoored_model_then_reuses_the_scan(demo, run_cli, tmp_p
     assert "champion" not in client.get_registered_model("harden-demo").aliases
     done = subprocess.run([*script, "--policy", "lenient.yaml"], env=child_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert client.get_model_version_by_alias("harden-demo", "champion").version == demo.version.version
+    assert str(client.get_model_version_by_alias("harden-demo", "champion").version) == demo.version.version
     client.delete_registered_model_alias("harden-demo", "champion")
 
 
