@@ -42,6 +42,7 @@ class VersionScan:
     p_backdoor: float | None = None
     run_id: str | None = None
     duration_s: float = 0.0
+    cpu_s: float = 0.0  # CPU time of the task (all threads): the cost to plan capacity with, whatever the load
     error: str | None = None
 
 
@@ -124,13 +125,13 @@ def scan_version(uri: str, tracking_uri: str, scan_kwargs: dict[str, Any]) -> Ve
     """The task every executor runs (module level, so it pickles to process pools and Ray)."""
     from harden.scan import scan_and_record
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     try:
         tracking.configure(tracking_uri)
         params = {k: v for k, v in scan_kwargs.items() if k != "options"} | {"fleet": True}
         result, report = scan_and_record(uri, params, **scan_kwargs)
         return VersionScan(uri, "scanned", result.verdict, result.p_backdoor, report.payload.get("run_id"),
-                           round(time.perf_counter() - start, 3))
+                           round(time.perf_counter() - start, 3), round(time.process_time() - cpu, 3))
     except Exception as exc:  # noqa: BLE001 - one bad version must not stop the fleet
         return VersionScan(uri, "error", duration_s=round(time.perf_counter() - start, 3), error=f"{type(exc).__name__}: {exc}"[:500])
 
