@@ -36,6 +36,7 @@ def test_scan_registry_ray_then_local_then_all_cached(demo, run_cli):
     summary = json.loads(out)
     assert summary["schema"] == "harden.scan-registry/1" and (summary["versions"], summary["scanned"], summary["cached"]) == (3, 2, 1)
     assert summary["verdicts"] == {"backdoor": 1, "inconclusive": 2}
+    assert all(i["cpu_s"] > 0 for i in summary["items"] if i["status"] == "scanned")
     assert _scan_runs() == runs + 2
     for version in fleet[1:]:
         tags = client.get_model_version("fleet-a", version).tags
