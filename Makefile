@@ -22,7 +22,11 @@ demo: $(STAMP)
 	$(BIN)/harden evaluate models:/harden-demo@candidate --data harden-demo-data/test.npz --trigger grid_paste --target 0
 	@# scan exits 1 when it finds the backdoor, which is what the demo model has
 	$(BIN)/harden scan models:/harden-demo@candidate --data harden-demo-data/clean.npz; test $$? -le 1
-	$(BIN)/harden export models:/harden-demo@candidate --onnx harden-demo-data/model.onnx --bento harden-demo
+	$(BIN)/harden purify models:/harden-demo@candidate --data harden-demo-data/clean.npz --trigger grid_paste --target 0 \
+		--test-data harden-demo-data/test.npz --alias hardened
+	@# the re-scan of the purified version: the verdict should now be clean (exit 0)
+	$(BIN)/harden scan models:/harden-demo@hardened --data harden-demo-data/clean.npz; test $$? -le 1
+	$(BIN)/harden export models:/harden-demo@hardened --onnx harden-demo-data/model.onnx --bento harden-demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -22,6 +22,7 @@ from harden.progress import track
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 EpochHook = Callable[[int, float], None]
+StepHook = Callable[[], None]
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -42,6 +43,9 @@ class TrainConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     seed: int = 0
+    freeze_norm_stats: bool = False  # keep BatchNorm running statistics (norm layers stay in eval mode)
+    schedule: str = "constant"  # constant | cosine (over all steps, down to lr * final_lr_fraction)
+    final_lr_fraction: float = 0.0
 
 
 def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -73,23 +77,29 @@ def fit(
     device: str | torch.device = "cpu",
     parameters: Iterable[torch.nn.Parameter] | None = None,
     on_epoch_end: EpochHook | None = None,
+    after_step: StepHook | None = None,
     description: str = "training",
 ) -> list[float]:
     """Train for `config.epochs`; returns the mean loss of each epoch.
 
+    `after_step` runs after every optimiser step (e.g. to project parameters back
+    into their allowed range).
+
     Data-parallel when `harden.distributed.init()` joined a torchrun group: `config.batch_size`
     stays the *global* batch, every rank returns the same history and weights, and
-    `on_epoch_end` and the progress bar run on rank 0 only.
+    `on_epoch_end` and the progress bar run on rank 0 only (`after_step` on every rank).
     """
     dist = distributed.context()
-    model.to(device).train()
+    model.to(device)
     params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
     optimizer = make_optimizer(config.optimizer, params, config.lr, config.weight_decay)
+    steps = len(make_loader(data, config.batch_size))
+    scheduler = _scheduler(optimizer, config, steps=config.epochs * steps)
     if dist.enabled:
         distributed.broadcast_parameters(model)
-    steps = -(-len(data) // config.batch_size)  # type: ignore[arg-type]
     history: list[float] = []
     for epoch in range(config.epochs):
+        _train_mode(model, config.freeze_norm_stats)  # every epoch: hooks may have evaluated the model
         total, count = 0.0, 0
         batches = _batches(data, config, epoch)
         if dist.is_main:
@@ -108,6 +118,10 @@ def fit(
             optimizer.step()
             if dist.enabled:
                 distributed.average_buffers(model)
+            if scheduler is not None:
+                scheduler.step()
+            if after_step is not None:
+                after_step()
         if dist.enabled:
             total, count = distributed.sum_across_ranks(total, count)
         history.append(total / max(count, 1))
@@ -115,3 +129,19 @@ def fit(
             on_epoch_end(epoch, history[-1])
     model.eval()
     return history
+
+
+def _train_mode(model: nn.Module, freeze_norm_stats: bool) -> None:
+    model.train()
+    if freeze_norm_stats:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int):
+    if config.schedule == "constant":
+        return None
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1), eta_min=config.lr * config.final_lr_fraction)
+    raise ValueError(f"unknown schedule {config.schedule!r}; known: constant, cosine")

@@ -96,8 +96,10 @@ def _coerce(value: str):
 
 
 def make_trigger(spec: "str | Trigger") -> Trigger:
-    """Parse `name[:key=value,...]` into a Trigger; unknown names or keys are errors."""
-    if isinstance(spec, Trigger):
+    """Parse `name[:key=value,...]` into a Trigger; unknown names or keys are errors.
+
+    Anything already callable on image batches (a Trigger, a reversed trigger) is kept as is."""
+    if isinstance(spec, Trigger) or callable(spec):
         return spec
     name, _, args = str(spec).strip().partition(":")
     name = _ALIASES.get(name, name)

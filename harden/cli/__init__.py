@@ -25,7 +25,7 @@ class HardenGroup(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         STATE["verbose"] = 0
-        _interrupt_on_sigterm()
+        previous_handler = _interrupt_on_sigterm()
         try:
             result = super().main(args=args, prog_name=prog_name or "harden", complete_var=complete_var, standalone_mode=False, **extra)
             code = result if isinstance(result, int) else EXIT_OK
@@ -49,6 +49,9 @@ class HardenGroup(click.Group):
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             click.echo(f"harden: error: {type(exc).__name__}: {message} (re-run with -v for details)", err=True)
             code = EXIT_ERROR
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
         if standalone_mode:
             sys.exit(code)
         return code
@@ -58,11 +61,12 @@ def _raise_interrupt(_signum, _frame) -> None:
     raise KeyboardInterrupt
 
 
-def _interrupt_on_sigterm() -> None:
+def _interrupt_on_sigterm():
     """`kill` unwinds like Ctrl-C, so cleanup (deleting a half-registered version,
-    temporary files) runs for both."""
+    temporary files) runs for both. Returns the handler to restore afterwards."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        return signal.signal(signal.SIGTERM, _raise_interrupt)
+    return None
 
 
 @click.group(cls=HardenGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -78,9 +82,9 @@ def cli() -> None:
 
 
 def _register_commands() -> None:
-    from harden.cli import demo, evaluate, export, fleet, gate, hook, listing, scan, serve
+    from harden.cli import demo, evaluate, export, fleet, gate, hook, listing, purify, scan, serve
 
-    for module in (demo, evaluate, export, listing, scan, serve, gate, hook, fleet):
+    for module in (demo, evaluate, export, listing, purify, scan, serve, gate, hook, fleet):
         cli.add_command(module.command)
 
 

@@ -115,8 +115,14 @@ def data_options(func: Callable[..., Any] | None = None, *, required: bool = Tru
                         help="ImageFolder dir, .npz (x, y), torchvision:NAME:/root[:train|test], or digits.")(func)
 
 
-def report_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    func = click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+def report_options(func: Callable[..., Any] | None = None, *, flag: str = "--output") -> Callable[..., Any]:
+    """--format and the report file (`output`); commands whose --output is a model directory take
+    `flag="--report"`, and the file arrives as `report_file`."""
+    if func is None:
+        return functools.partial(report_options, flag=flag)
+    names = (flag, "-o") if flag == "--output" else (flag,)
+    dest = "output" if flag == "--output" else "report_file"
+    func = click.option(*names, dest, type=click.Path(dir_okay=False, path_type=Path), default=None,
                         help="Write the report here (stdout when omitted).")(func)
     from harden.report import RENDERERS
 

@@ -81,6 +81,22 @@ class Subset(LabelledDataset):
         return self.base[int(self.indices[index])]
 
 
+class Concatenated(LabelledDataset):
+    """Several labelled datasets read as one, in order."""
+
+    def __init__(self, *parts: LabelledDataset):
+        self.parts = parts
+        self.labels = np.concatenate([np.asarray(p.labels) for p in parts])
+        self._offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, index: int):
+        part = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        return self.parts[part][index - int(self._offsets[part])]
+
+
 class TensorDataset(LabelledDataset):
     """Images already in memory (small probe sets, synthetic data, tests)."""
 

@@ -1,0 +1,150 @@
+"""Purification benchmark: attack × method on zoo models, with 5% of the data as the defender's clean set.
+
+For every backdoored zoo model (benchmarks/zoo.py) of the chosen attacks and every method,
+runs the real `harden.purify.purify` pipeline on a clean set of 5% of the dataset (90
+digits; a fifth of it held out for selection and the guardrail) and measures on the zoo's
+untouched test split: ACC and the real trigger's ASR before/after, DER, seconds, peak memory.
+`--reference` also times a straightforward per-step implementation of the published NFT
+(1000 steps, masks on every BatchNorm, layer-index bounds, MixUp, BN statistics updated)
+on the same models and clean set, and reports the time ratio.
+
+    .venv/bin/python benchmarks/purify.py                       # nft + trigger-unlearn, BadNets/Blend/SIG
+    .venv/bin/python benchmarks/purify.py --methods nft --set nft.steps=300 --reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+sys.path.insert(0, str(Path(__file__).parent))
+from zoo import load_zoo, zoo_data  # noqa: E402
+
+from harden import progress  # noqa: E402
+from harden.data import make_loader, split, to_uint8_arrays  # noqa: E402
+from harden.evaluation import der, evaluate  # noqa: E402
+from harden.models import load_model  # noqa: E402
+from harden.purify import purify  # noqa: E402
+from harden.report import Report, Table, emit  # noqa: E402
+from harden.runtime import measure  # noqa: E402
+
+ATTACKS = {"badnets": "grid_paste", "blend": "blend", "sig": "sig"}
+
+
+class _Mask(torch.nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.mask = torch.nn.Parameter(torch.ones(channels))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+def reference_nft(model: torch.nn.Module, clean, steps: int = 1000, batch: int = 128, lr: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """The published NFT, written the straightforward way: one BN at a time, one step at a time."""
+    torch.manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    masks = []
+    for bn in bns:
+        parametrize.register_parametrization(bn, "weight", _Mask(bn.num_features))
+        masks.append(bn.parametrizations.weight[0].mask)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in masks:
+        m.requires_grad_(True)
+    optimizer = torch.optim.SGD(masks, lr=lr, momentum=0.95)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=0.02)
+    images, labels = next(iter(make_loader(clean, batch_size=len(clean))))
+    per_class = len(clean) / 10
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(labels), (batch,))
+        x, y = images[idx], labels[idx]
+        lam = float(np.random.beta(1.0, 1.0))
+        perm = torch.randperm(batch)
+        logits = model(lam * x + (1 - lam) * x[perm])
+        loss = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
+        loss = loss + 0.001 / per_class * sum((1 - m).abs().sum() for m in masks)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            for k, m in enumerate(masks, start=1):
+                m.clamp_(0.8 * math.exp(-0.5 * k), 1.0)
+    for bn in bns:
+        parametrize.remove_parametrizations(bn, "weight", leave_parametrized=True)
+    return model.eval()
+
+
+def _settings(items: list[str]) -> dict[str, dict[str, str]]:
+    options: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        method, _, name = key.partition(".")
+        options.setdefault(method, {})[name] = value
+    return options
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="nft,trigger-unlearn")
+    parser.add_argument("--attacks", default="badnets,blend,sig")
+    parser.add_argument("--archs", default="small_cnn,resnet8_narrow")
+    parser.add_argument("--seeds", default="0", help="zoo seeds (model variants) per attack")
+    parser.add_argument("--clean-fraction", type=float, default=0.05, help="defender's clean set, as a fraction of the dataset")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="METHOD.KEY=VALUE")
+    parser.add_argument("--reference", action="store_true", help="also time the straightforward published NFT")
+    parser.add_argument("--format", default="text")
+    args = parser.parse_args()
+    progress.set_enabled(False)
+    options = _settings(args.settings)
+    zoo = [e for e in load_zoo() if e.backdoored and e.arch in args.archs.split(",") and str(e.seed) in args.seeds.split(",")
+           and any(e.attack.startswith(ATTACKS[a]) for a in args.attacks.split(","))]
+    train, defender, test = zoo_data()
+    share = args.clean_fraction * (len(train) + len(defender) + len(test)) / len(defender)  # of the defender's 15% split
+    clean = split(defender, [share, 1 - share], seed=0)[0]
+    rows, reference_rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        clean_npz, test_npz = Path(tmp) / "clean.npz", Path(tmp) / "test.npz"
+        np.savez(clean_npz, **dict(zip(("x", "y"), to_uint8_arrays(clean))))
+        np.savez(test_npz, **dict(zip(("x", "y"), to_uint8_arrays(test))))
+        for entry in zoo:
+            for method in args.methods.split(","):
+                result = purify(str(entry.path), str(clean_npz), method=method, trigger=entry.attack, target=entry.target,
+                                test_data=str(test_npz), load_options={"arch": entry.arch}, options=options)
+                b, a = result.before, result.after
+                rows.append([entry.name, method, b.test_accuracy, a.test_accuracy, b.test_known_asr, a.test_known_asr,
+                             round(100 * (b.test_accuracy - a.test_accuracy), 2),
+                             der(b.test_known_asr, a.test_known_asr, b.test_accuracy, a.test_accuracy),
+                             "yes" if a.test_known_asr <= 0.03 and b.test_accuracy - a.test_accuracy <= 0.02 else "no",
+                             round(result.duration_s, 1), round(result.peak_memory_mb)])
+                print(" ".join(str(c) for c in rows[-1]), flush=True)
+            if args.reference:
+                model = load_model(entry.path, arch=entry.arch).trainable()
+                with measure() as cost:
+                    reference_nft(model, clean)
+                after = evaluate(model, test, trigger=entry.attack, target=entry.target)
+                ours = [r for r in rows if r[0] == entry.name and r[1] == "nft"]
+                ratio = cost.duration_s / ours[0][-2] if ours else None
+                reference_rows.append([entry.name, after.accuracy, after.asr, round(cost.duration_s, 1), ratio])
+    tables = [Table("Purification (test split; clean set = 5% of the data)",
+                    ["model", "method", "ACC before", "ACC after", "ASR before", "ASR after", "ACC drop (pt)", "DER",
+                     "target met", "seconds", "peak MB"], rows)]
+    if reference_rows:
+        tables.append(Table("Published NFT, straightforward implementation (1000 steps)",
+                            ["model", "ACC after", "ASR after", "seconds", "time ratio vs harden nft"], reference_rows))
+    emit(Report("harden.bench.purify/1", "Purification benchmark", {"rows": rows, "reference": reference_rows}, tables), args.format)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""`harden purify`: remove a backdoor, check the accuracy guardrail, register the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from harden import tracking
+from harden.cli.options import CommandContext, common_options, data_options, model_options, open_model, report_options
+from harden.errors import HardenError
+from harden.publish import check_output_dir, publish, target_name
+from harden.purify import DEFAULT_METHOD, METHODS, purify
+from harden.report import emit
+
+
+def _settings(_ctx, _param, values: tuple[str, ...]) -> dict[str, str]:
+    settings = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE, e.g. lr=1e-4")
+        settings[key.strip().replace("-", "_")] = value.strip()
+    return settings
+
+
+@click.command("purify")
+@model_options
+@data_options
+@click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True)
+@click.option("--train-data", default=None, help="The suspect training set (unlearn-relearn).")
+@click.option("--separation", default=None,
+              help="A saved separation (path or runs:/.../scan/separation.json from `harden scan --train-data`); computed when omitted.")
+@click.option("--trigger", default=None, help="A known trigger spec, to report its ASR before/after (with --target).")
+@click.option("--target", type=int, default=None, help="Target class of --trigger.")
+@click.option("--test-data", default=None, help="Independent test data, only reported (never used to select or stop).")
+@click.option("--validation-fraction", type=float, default=0.2, show_default=True,
+              help="Share of --data held out for checkpoint selection and the before/after guardrail.")
+@click.option("--max-acc-drop", type=float, default=2.0, show_default=True,
+              help="Accuracy points the purified model may lose on the held-out split; more exits 1 and registers nothing.")
+@click.option("--triggers", "trigger_count", type=int, default=2, show_default=True, help="Reversed triggers (smallest first) to unlearn.")
+@click.option("--set", "settings", multiple=True, callback=_settings, metavar="KEY=VALUE",
+              help="Method setting, repeatable, e.g. --set lr=1e-4 (`harden list methods` shows every setting and default).")
+@click.option("--register-as", default=None, help="Register under this name (default: the source model's name).")
+@click.option("--alias", default=None, help="Move this alias (e.g. hardened) onto the new version.")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None, help="Also write the purified MLflow model here.")
+@report_options(flag="--report")
+@common_options
+def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std, allow_pickle, data, resize, method, train_data,
+            separation, trigger, target, test_data, validation_fraction, max_acc_drop, trigger_count, settings, register_as, alias,
+            output: Path | None, fmt, report_file: Path | None) -> int:
+    """Purify MODEL with clean --data; register it as a new version when the guardrail holds.
+
+    Exit 0: purified and registered; 1: the accuracy guardrail tripped (nothing registered); 2: error.
+
+    \b
+    Examples:
+      harden purify models:/harden-demo@candidate --data harden-demo-data/clean.npz --alias hardened
+      harden purify models:/fraud-cnn/7 --data clean/ --method trigger-unlearn --set epochs=20 --format json
+      harden purify models:/fraud-cnn/7 --data clean/ --method unlearn-relearn --train-data train.npz
+    """
+    if trigger and target is None:
+        raise HardenError("--trigger needs --target")
+    check_output_dir(output)
+    loaded = open_model(ctx, model, arch, num_classes, input_size, mean, std, allow_pickle)
+    if alias and target_name(loaded, register_as) is None:
+        raise HardenError("--alias needs a registered model: purify a models:/ URI or pass --register-as")
+    params = {"method": method, "data": data, "train_data": train_data, "trigger": trigger, "target": target,
+              "validation_fraction": validation_fraction, "max_acc_drop": max_acc_drop, "triggers": trigger_count,
+              "settings": settings, "device": str(ctx.device), "seed": ctx.seed}
+    source_uri = loaded.registered.uri if loaded.registered else loaded.uri
+    with tracking.command_run("purify", source_uri, params) as run:
+        result = purify(loaded, data, method=method, train_data=train_data, separation=separation, trigger=trigger, target=target,
+                        test_data=test_data, validation_fraction=validation_fraction, max_acc_drop=max_acc_drop,
+                        triggers=trigger_count, options={method: settings}, device=ctx.device, seed=ctx.seed, resize=resize)
+        for stage, metrics in (("before", result.before), ("after", result.after)):
+            tracking.log_metrics({f"{k}_{stage}": v for k, v in metrics.to_dict().items()})
+        for step, scores in enumerate(result.history):
+            tracking.log_metrics({f"validation_{k}": v for k, v in scores.items()}, step=step)
+        tracking.log_metrics({"acc_drop_points": result.acc_drop, "der": result.der, "duration_s": result.duration_s,
+                              "peak_memory_mb": result.peak_memory_mb})
+        output_uri = None
+        if result.passed:
+            published = publish(result.model.net, loaded, tags=result.version_tags(), register_as=register_as, alias=alias,
+                                output=output, metadata={"purified_from": source_uri, "method": method})
+            output_uri = published.uri
+        report = result.report(output_uri)
+        report.payload["run_id"] = run.info.run_id
+        tracking.log_report(report, "purify")
+    emit(report, fmt, report_file)
+    return result.exit_code

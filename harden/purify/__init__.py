@@ -1,0 +1,236 @@
+"""`harden purify`: remove a backdoor from a classifier, guarded by held-out clean accuracy.
+
+Library use::
+
+    from harden.purify import purify
+    result = purify("models:/harden-demo@candidate", data="harden-demo-data/clean.npz")
+    print(result.before, result.after, result.passed)
+    # publish it yourself: harden.publish.publish(result.model.net, result.source, tags=result.version_tags())
+
+Every method gets the same inputs (`PurifyContext`): a trainable copy of the model, the
+user's clean data split into a training part and a held-out validation part (used for
+checkpoint selection, early stopping and the before/after guardrail; never a test set),
+and the reversed triggers of the model, found by the scan's inversion on the training part.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harden import __version__
+from harden.attacks import Attack
+from harden.data import load_data, split
+from harden.data.pipeline import LabelledDataset
+from harden.errors import EXIT_FINDINGS, EXIT_OK, HardenError
+from harden.evaluation import der, evaluate
+from harden.models import LoadedModel, ModelArtifact, load_model
+from harden.models.wrappers import PixelModel
+from harden.purify import nft as _nft  # noqa: F401  (each import registers a method)
+from harden.purify import relearn as _relearn  # noqa: F401
+from harden.purify import unlearn as _unlearn  # noqa: F401
+from harden.purify.base import METHODS, PurifyContext, resolve_settings, reversed_asr
+from harden.purify.triggers import Stamp, reverse_triggers
+from harden.report import Report, Table
+from harden.runtime import measure
+from harden.scan.inversion import InversionConfig
+
+DEFAULT_METHOD = "nft"
+SCHEMA = "harden.purify/1"
+
+
+@dataclass
+class Metrics:
+    accuracy: float
+    reversed_asr: float | None
+    known_asr: float | None = None
+    test_accuracy: float | None = None
+    test_known_asr: float | None = None
+
+    def to_dict(self) -> dict[str, float | None]:
+        return dict(vars(self))
+
+
+@dataclass
+class PurifyResult:
+    method: str
+    params: dict[str, Any]
+    before: Metrics
+    after: Metrics
+    model: PixelModel
+    source: LoadedModel
+    triggers: list[Stamp]
+    max_acc_drop: float  # points
+    history: list[dict[str, float]] = field(default_factory=list)
+    duration_s: float = 0.0
+    peak_memory_mb: float = 0.0
+
+    @property
+    def acc_drop(self) -> float:
+        """Held-out accuracy lost, in points."""
+        return 100.0 * (self.before.accuracy - self.after.accuracy)
+
+    @property
+    def passed(self) -> bool:
+        return self.acc_drop <= self.max_acc_drop + 1e-9
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.passed else EXIT_FINDINGS
+
+    @property
+    def der(self) -> float | None:
+        """Defence effectiveness rate on the known trigger if given, else on the reversed one."""
+        key = "known_asr" if self.before.known_asr is not None else "reversed_asr"
+        before, after = getattr(self.before, key), getattr(self.after, key)
+        return None if before is None or after is None else der(before, after, self.before.accuracy, self.after.accuracy)
+
+    @property
+    def source_uri(self) -> str:
+        return self.source.registered.uri if self.source.registered else self.source.uri
+
+    def version_tags(self) -> dict[str, str]:
+        """Lineage and before/after metrics, as registry tags of the purified version."""
+        tags = {"harden.purified_from": self.source_uri, "harden.method": self.method, "harden.version": __version__,
+                "harden.purify.acc_drop": f"{self.acc_drop:.2f}"}
+        for stage, metrics in (("before", self.before), ("after", self.after)):
+            for name, value in metrics.to_dict().items():
+                if value is not None:
+                    tags[f"harden.purify.{_SHORT.get(name, name)}_{stage}"] = f"{value:.4f}"
+        return tags
+
+    def to_dict(self, output_model_uri: str | None) -> dict[str, Any]:
+        return {
+            "output_model_uri": output_model_uri,
+            "source_model_uri": self.source_uri,
+            "method": self.method,
+            "params": self.params,
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "acc_drop_points": self.acc_drop,
+            "max_acc_drop_points": self.max_acc_drop,
+            "guardrail_passed": self.passed,
+            "der": self.der,
+            "reversed_triggers": [t.to_dict() for t in self.triggers],
+            "history": self.history,
+            "duration_s": self.duration_s,
+            "peak_memory_mb": self.peak_memory_mb,
+            "harden_version": __version__,
+        }
+
+    def report(self, output_model_uri: str | None) -> Report:
+        rows = [[name, getattr(self.before, key), getattr(self.after, key)] for key, name in _ROWS
+                if getattr(self.before, key) is not None]
+        verdict = (f"purified, ACC −{self.acc_drop:.1f} pt" if self.passed
+                   else f"guardrail tripped: ACC −{self.acc_drop:.1f} pt > {self.max_acc_drop:g} pt, nothing registered")
+        steps = [] if self.passed else ["Lower the learning rate or the trigger fraction, give more clean data, or try another --method."]
+        return Report(SCHEMA, f"harden purify {self.source_uri} ({self.method}): {verdict}", self.to_dict(output_model_uri),
+                      [Table("Before / after (held-out clean split)", ["metric", "before", "after"], rows),
+                       Table("Result", ["field", "value"], [["method", self.method], ["output model", output_model_uri or "-"],
+                                                           ["DER", self.der], ["seconds", self.duration_s],
+                                                           ["peak memory (MB)", self.peak_memory_mb]])],
+                      next_steps=steps)
+
+
+_SHORT = {"accuracy": "acc", "test_accuracy": "test_acc"}
+_ROWS = [("accuracy", "accuracy (ACC)"), ("reversed_asr", "reversed-trigger ASR"), ("known_asr", "known-trigger ASR"),
+         ("test_accuracy", "test ACC (--test-data)"), ("test_known_asr", "test known-trigger ASR")]
+
+
+def _measure_metrics(module: torch.nn.Module, validation: LabelledDataset, triggers: list[Stamp], attack: Attack | None,
+                     test: LabelledDataset | None, device: torch.device) -> Metrics:
+    kwargs = {"trigger": attack.trigger, "target": attack.target, "mode": attack.mode} if attack else {}
+    held = evaluate(module, validation, device=device, **kwargs)
+    metrics = Metrics(held.accuracy, reversed_asr(module, validation, triggers, device), held.asr)
+    if test is not None:
+        tested = evaluate(module, test, device=device, **kwargs)
+        metrics.test_accuracy, metrics.test_known_asr = tested.accuracy, tested.asr
+    return metrics
+
+
+def load_separation(source: "str | Path | None", loaded: LoadedModel, train_data: LabelledDataset | None, clean: LabelledDataset,
+                    device: torch.device, seed: int) -> dict[str, Any] | None:
+    """The D-BR separation of `train_data`: a saved one (path or MLflow URI, e.g. from `harden scan
+    --train-data`), else computed now. A saved one must describe the same number of samples."""
+    if train_data is None:
+        return None
+    if source:
+        record = _read_separation(str(source))
+        if record.get("num_samples") != len(train_data):
+            raise HardenError(f"separation {source} covers {record.get('num_samples')} samples but --train-data has {len(train_data)}")
+        return record
+    from harden.scan.sensitivity import SensitivityConfig, separate
+
+    config = SensitivityConfig()
+    return separate(loaded.module, train_data, clean, config, seed, device).to_json(loaded.uri, config, seed)
+
+
+def _read_separation(source: str) -> dict[str, Any]:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        path = Path(source) if Path(source).exists() else Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
+        record = json.loads(path.read_text())
+    except (MlflowException, OSError, json.JSONDecodeError) as exc:
+        raise HardenError(f"cannot read separation {source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if record.get("schema") != "harden.separation/1":
+        raise HardenError(f"{source} is not a harden.separation/1 record")
+    return record
+
+
+def purify(
+    model: "str | ModelArtifact | LoadedModel",
+    data: str,
+    *,
+    method: str = DEFAULT_METHOD,
+    train_data: str | None = None,
+    separation: str | None = None,
+    trigger: str | None = None,
+    target: int | None = None,
+    test_data: str | None = None,
+    validation_fraction: float = 0.2,
+    max_acc_drop: float = 2.0,
+    triggers: int = 2,
+    options: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    load_options: dict[str, Any] | None = None,
+    resize: bool = False,
+) -> PurifyResult:
+    """Purify MODEL with `method` using the clean `data`; returns the purified model and before/after metrics.
+
+    Nothing is registered here: `harden.publish.publish(result.model.net, result.source, ...)` does that
+    (the CLI only when `result.passed`)."""
+    if method not in METHODS:
+        raise HardenError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    settings = resolve_settings(METHODS[method], dict((options or {}).get(method, {})))
+    if METHODS[method].needs_train_data and not train_data:
+        raise HardenError(f"{method} needs the suspect training set: pass --train-data (and optionally --separation)")
+    if not 0.0 < validation_fraction < 1.0:
+        raise HardenError(f"--validation-fraction {validation_fraction}: expected a fraction between 0 and 1")
+    device = torch.device(device)
+    with measure(device) as cost:
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, **(load_options or {}))
+        spec, classes = loaded.input_spec, loaded.num_classes
+        attack = Attack(trigger, target if target is not None else 0, num_classes=classes) if trigger else None
+        clean = load_data(data, spec, num_classes=classes, resize=resize)
+        if len(clean) < 2 * classes:
+            raise HardenError(f"--data has {len(clean)} images; purification needs at least two per class ({2 * classes})")
+        train, validation = split(clean, [1.0 - validation_fraction, validation_fraction], seed=seed)
+        suspect = load_data(train_data, spec, num_classes=classes, resize=resize) if train_data else None
+        test = load_data(test_data, spec, num_classes=classes, resize=resize) if test_data else None
+        inversion = InversionConfig(**(options or {}).get("inversion", {}))
+        reversed_triggers = reverse_triggers(loaded.module, train, classes, count=triggers, config=inversion, device=device, seed=seed)
+        before = _measure_metrics(loaded.module, validation, reversed_triggers, attack, test, device)
+        ctx = PurifyContext(loaded, train, validation, reversed_triggers, device, seed, settings,
+                            suspect, load_separation(separation, loaded, suspect, clean, device, seed) if suspect is not None else None)
+        output = METHODS[method].run(ctx)
+        after = _measure_metrics(output.model, validation, reversed_triggers, attack, test, device)
+    params = {"validation_fraction": validation_fraction, "triggers": triggers, "seed": seed, **output.params}
+    return PurifyResult(method, params, before, after, output.model, loaded, reversed_triggers, max_acc_drop, output.history,
+                        cost.duration_s, cost.peak_memory_mb)

@@ -1,0 +1,151 @@
+"""What every purification method shares: its inputs, its result, and the method registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harden.data.pipeline import LabelledDataset
+from harden.errors import HardenError
+from harden.evaluation import evaluate
+from harden.models.loader import LoadedModel
+from harden.models.wrappers import PixelModel
+from harden.purify.triggers import Stamp
+
+
+# freeze: BatchNorm keeps the statistics the model was trained with (a few hundred clean images,
+# partly stamped, are a poor basis for new ones); update: re-estimate them while training.
+BN_MODES = ("freeze", "update")
+
+
+@dataclass
+class PurifyContext:
+    """Everything a method may use. `validation` is held out from `train`; methods select
+    checkpoints and stop early on it, never on a test set."""
+
+    source: LoadedModel
+    train: LabelledDataset
+    validation: LabelledDataset
+    triggers: list[Stamp]
+    device: torch.device
+    seed: int
+    settings: dict[str, Any] = field(default_factory=dict)  # the method's settings, resolved by `resolve_settings`
+    train_data: LabelledDataset | None = None  # the suspect training set (unlearn-relearn)
+    separation: dict[str, Any] | None = None  # a saved `harden.separation/1` record
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + offset)
+
+
+def resolve_settings(method: "Method", overrides: dict[str, Any]) -> dict[str, Any]:
+    """The method's defaults overridden by the user's, each coerced to its default's type;
+    unknown names are errors (checked before any work is done)."""
+    unknown = sorted(set(overrides) - set(method.defaults))
+    if unknown:
+        raise HardenError(f"unknown setting(s) {', '.join(unknown)} for {method.name}; it takes: {', '.join(method.defaults)}")
+    values = dict(method.defaults)
+    for key, value in overrides.items():
+        values[key] = _coerce(key, value, method.defaults[key])
+    if "bn_mode" in values and values["bn_mode"] not in BN_MODES:
+        raise HardenError(f"bn_mode {values['bn_mode']!r}: expected one of {', '.join(BN_MODES)}")
+    return values
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    if isinstance(value, str) and not isinstance(default, str):
+        import yaml
+
+        value = yaml.safe_load(value)
+    try:
+        return type(default)(value) if default is not None else value
+    except (TypeError, ValueError):
+        raise HardenError(f"setting {key}={value!r}: expected {type(default).__name__}") from None
+
+
+@dataclass
+class MethodOutput:
+    model: PixelModel  # the purified model: plain architecture, same input as the source
+    params: dict[str, Any]  # the settings actually used, for the report and the run
+    history: list[dict[str, float]] = field(default_factory=list)  # per-epoch/round validation scores
+
+
+class Method:
+    """A purification method: turns the source model into a purified copy."""
+
+    name: str = ""
+    description: str = ""
+    defaults: dict[str, Any] = {}  # every setting the method takes (`--set KEY=VALUE`), with its default
+    needs_train_data = False
+
+    def run(self, ctx: PurifyContext) -> MethodOutput:
+        raise NotImplementedError
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls()
+    return cls
+
+
+@torch.no_grad()
+def reversed_asr(module: nn.Module, data: LabelledDataset, triggers: list[Stamp], device: torch.device) -> float | None:
+    """The highest attack success among the reversed triggers (images of other classes only)."""
+    if not triggers:
+        return None
+    return max(evaluate(module, data, trigger=t, target=t.target, device=device).asr or 0.0 for t in triggers)
+
+
+class BestCheckpoint:
+    """Keeps the weights with the best validation score (accuracy minus reversed-trigger ASR).
+
+    Called after every epoch/round; `restore()` puts the best weights back at the end.
+    Comparing on the held-out validation split is what makes "last epoch overfits a
+    few hundred images" and "an ascent step wrecked the model" recoverable."""
+
+    def __init__(self, model: nn.Module, ctx: PurifyContext):
+        self.model, self.ctx = model, ctx
+        self.history: list[dict[str, float]] = []
+        self.best_score = -float("inf")
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.update()
+
+    def update(self, *_: Any) -> float:
+        accuracy = evaluate(self.model, self.ctx.validation, device=self.ctx.device).accuracy
+        asr = reversed_asr(self.model, self.ctx.validation, self.ctx.triggers, self.ctx.device) or 0.0
+        score = accuracy - asr
+        self.history.append({"accuracy": accuracy, "reversed_asr": asr, "score": score})
+        if score > self.best_score + 1e-9:
+            self.best_score = score
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return score
+
+    def restore(self) -> None:
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        self.model.eval()
+
+
+def distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """KL(teacher ‖ student) at a temperature: keeps clean behaviour while a few hundred images retrain the model."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, 1), F.softmax(teacher_logits / t, 1), reduction="batchmean") * t * t
+
+
+Teacher = Callable[[torch.Tensor], torch.Tensor]
+
+
+def frozen_teacher(ctx: PurifyContext) -> Teacher:
+    """The source model's logits, without gradients."""
+    module = ctx.source.module.to(ctx.device).eval()
+
+    @torch.no_grad()
+    def logits(images: torch.Tensor) -> torch.Tensor:
+        return module(images)
+
+    return logits

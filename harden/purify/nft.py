@@ -1,0 +1,218 @@
+"""`nft`: neural mask fine-tuning, with masks folded back into the weights at the end.
+
+One multiplicative mask per channel, found without knowing the architecture: a probe
+forward pass under a dispatch mode records which parameters feed which operators, in
+execution order. That works the same for registry modules, pickled modules and pt2
+GraphModules. Masks are applied by re-parameterising those weights
+(`functional_call`), so the network itself is never edited, and folding them in
+(γ' = γ⊙m for BatchNorm, W' = m⊙W, b' = m⊙b for conv/linear gates) yields the plain
+architecture with no extra parameters.
+
+Choices beyond the published method (each an option; defaults measured in benchmarks/purify.py):
+- `bounds`: `depth` (default) spreads the reference lower-bound schedule 0.8·e^(−0.5k) over
+  the network's own depth, as if it had ResNet-18's 19 masked layers, so that a shallow
+  network's channels can switch off too; `index` is the reference (layer k's bound
+  0.8·e^(−0.5k)); `none` allows [0, 1] everywhere.
+- `trigger_fraction`: share of the MixUp pool stamped with the reversed triggers (true
+  labels); 0 gives the published, trigger-free NFT.
+- `placement`: `auto` masks BatchNorm γ when the model has BatchNorm and otherwise gates
+  conv/linear output channels; `bn+conv` does both. The classifier head is never masked.
+- `bn_mode`: `freeze` (default) keeps the BatchNorm statistics the model was trained with;
+  `update` re-estimates them on the MixUp batches as the reference does (registry and
+  pickled modules only: pt2 GraphModules carry eval-mode BatchNorm).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from harden.errors import HardenError
+from harden.models.wrappers import PixelModel
+from harden.purify.base import BestCheckpoint, Method, MethodOutput, PurifyContext, register_method
+from harden.purify.triggers import stamp_fraction
+from harden.training import TrainConfig, fit
+
+_ATEN = torch.ops.aten
+# operator → (site kind, argument index of the weight, of the bias)
+_SITE_OPS = {
+    _ATEN.native_batch_norm: ("bn", 1, 2),
+    _ATEN._native_batch_norm_legit: ("bn", 1, 2),
+    _ATEN._native_batch_norm_legit_no_training: ("bn", 1, 2),
+    _ATEN.cudnn_batch_norm: ("bn", 1, 2),
+    _ATEN._batch_norm_with_update: ("bn", 1, 2),
+    _ATEN._batch_norm_no_update: ("bn", 1, 2),
+    _ATEN.convolution: ("conv", 1, 2),
+    _ATEN.addmm: ("linear", 2, 0),
+}
+_REFERENCE_DEPTH = 19  # masked BatchNorm layers of the reference ResNet-18
+PLACEMENTS = ("auto", "bn", "conv", "bn+conv")
+BOUNDS = ("depth", "index", "none")
+
+
+@dataclass(frozen=True)
+class MaskSite:
+    """A parameter whose output channels get one mask each."""
+
+    kind: str  # bn | conv | linear
+    weight: str
+    bias: str | None
+    channels: int
+
+
+class _SiteRecorder(TorchDispatchMode):
+    def __init__(self, names: dict[int, str]):
+        super().__init__()
+        self.names = names
+        self.calls: list[tuple[str, str, str | None]] = []
+
+    def _name(self, value) -> str | None:
+        if isinstance(value, torch.Tensor):
+            return self.names.get(value.untyped_storage().data_ptr())
+        return None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        entry = _SITE_OPS.get(func.overloadpacket)
+        if entry is not None:
+            kind, weight_at, bias_at = entry
+            weight = self._name(args[weight_at]) if len(args) > weight_at else None
+            if weight is not None:
+                bias = self._name(args[bias_at]) if len(args) > bias_at else None
+                self.calls.append((kind, weight, bias))
+        return func(*args, **(kwargs or {}))
+
+
+def find_mask_sites(model: PixelModel, example: torch.Tensor, placement: str = "auto") -> list[MaskSite]:
+    """Parameters of `model.net` to mask, in execution order; the last linear layer (the head) is left out."""
+    if placement not in PLACEMENTS:
+        raise HardenError(f"NFT placement {placement!r}: expected one of {', '.join(PLACEMENTS)}")
+    params = dict(model.net.named_parameters())
+    recorder = _SiteRecorder({p.untyped_storage().data_ptr(): name for name, p in params.items()})
+    with torch.no_grad(), recorder:
+        model(example)
+    sites, seen = [], set()
+    for kind, weight, bias in recorder.calls:
+        if weight in seen:
+            continue
+        seen.add(weight)
+        sites.append(MaskSite(kind, weight, bias, int(params[weight].shape[0])))
+    linear = [i for i, s in enumerate(sites) if s.kind == "linear"]
+    if linear:
+        sites.pop(linear[-1])
+    has_bn = any(s.kind == "bn" for s in sites)
+    wanted = {"auto": {"bn"} if has_bn else {"conv", "linear"}, "bn": {"bn"}, "conv": {"conv", "linear"}, "bn+conv": {"bn", "conv", "linear"}}[placement]
+    chosen = [s for s in sites if s.kind in wanted]
+    if not chosen:
+        raise HardenError(f"NFT found no layers to mask with placement {placement!r} (model has: {sorted({s.kind for s in sites}) or 'none'})")
+    return chosen
+
+
+def lower_bounds(count: int, rule: str) -> list[float]:
+    """Per-layer lower bound of the masks, shallowest layer first."""
+    if rule == "none":
+        return [0.0] * count
+    scale = _REFERENCE_DEPTH / count if rule == "depth" else 1.0
+    if rule not in BOUNDS:
+        raise HardenError(f"NFT bounds {rule!r}: expected one of {', '.join(BOUNDS)}")
+    return [0.8 * math.exp(-0.5 * k * scale) for k in range(1, count + 1)]
+
+
+class MaskedNetwork(nn.Module):
+    """`model` (a PixelModel) seen through per-channel masks on the chosen sites."""
+
+    def __init__(self, model: PixelModel, sites: list[MaskSite], bounds: list[float], bn_mode: str = "freeze"):
+        super().__init__()
+        self.model = model
+        self.sites = sites
+        self.bn_mode = bn_mode
+        self.masks = nn.ParameterList([nn.Parameter(torch.ones(s.channels)) for s in sites])
+        self.bounds = bounds
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "MaskedNetwork":
+        self.training = mode
+        self.model.train(mode and self.bn_mode == "update")
+        return self
+
+    def _masked_parameters(self) -> dict[str, torch.Tensor]:
+        """Masked values of the masked parameters, keyed by their names inside `model.net`."""
+        params = dict(self.model.net.named_parameters())
+        out = {}
+        for site, mask in zip(self.sites, self.masks):
+            weight = params[site.weight]
+            out[site.weight] = weight * mask.view(-1, *([1] * (weight.ndim - 1)))
+            if site.kind != "bn" and site.bias is not None:
+                out[site.bias] = params[site.bias] * mask  # β stays unmasked for BatchNorm, as published
+        return out
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        masked = {f"net.{name}": value for name, value in self._masked_parameters().items()}
+        return torch.func.functional_call(self.model, masked, (images,))
+
+    @torch.no_grad()
+    def clamp(self) -> None:
+        for mask, low in zip(self.masks, self.bounds):
+            mask.clamp_(low, 1.0)
+
+    @torch.no_grad()
+    def fold(self) -> PixelModel:
+        """Write the masks into the weights and return the plain model (no extra parameters)."""
+        params = dict(self.model.net.named_parameters())
+        for name, value in self._masked_parameters().items():
+            params[name].copy_(value)
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(True)
+        return self.model.eval()
+
+    def mask_summary(self) -> list[dict[str, float]]:
+        return [{"layer": s.weight, "kind": s.kind, "channels": s.channels, "lower_bound": low,
+                 "mean": float(m.mean()), "min": float(m.min()), "below_0.5": int((m < 0.5).sum())}
+                for s, m, low in zip(self.sites, self.masks, self.bounds)]
+
+
+@register_method
+class NeuralMaskFineTuning(Method):
+    name = "nft"
+    description = "neural mask fine-tuning (per-channel masks, MixUp, pull-to-one regulariser, layer bounds), folded into the weights"
+    defaults = {"steps": 600, "rounds": 5, "batch_size": 128, "lr": 0.05, "final_lr": 0.02, "regulariser": 1e-3, "bounds": "depth",
+                "placement": "auto", "bn_mode": "freeze", "trigger_fraction": 0.3}
+
+    def run(self, ctx: PurifyContext) -> MethodOutput:
+        params = dict(ctx.settings)
+        model = ctx.source.trainable().to(ctx.device).eval()
+        if params["bn_mode"] == "update" and isinstance(model.net, torch.fx.GraphModule):
+            raise HardenError("NFT bn_mode=update needs a module with BatchNorm layers; pt2 GraphModules carry eval-mode "
+                              "BatchNorm: use bn_mode=freeze or pass --arch")
+        sites = find_mask_sites(model, ctx.validation[0][0][None].to(ctx.device), params["placement"])
+        masked = MaskedNetwork(model, sites, lower_bounds(len(sites), params["bounds"]), params["bn_mode"]).to(ctx.device)
+        per_class = max(len(ctx.train) / ctx.source.num_classes, 1.0)
+        generator = ctx.generator(2)
+        beta = torch.distributions.Beta(1.0, 1.0)
+
+        def loss_fn(net, images, labels):
+            pool, _ = stamp_fraction(images, ctx.triggers, params["trigger_fraction"], generator)
+            lam = float(beta.sample())
+            order = torch.randperm(len(pool), generator=generator).to(pool.device)
+            logits = net(lam * pool + (1 - lam) * pool[order])
+            loss = lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, labels[order])
+            pull = sum((1 - m).abs().sum() for m in masked.masks)
+            return loss + params["regulariser"] / per_class * pull
+
+        steps_per_round = max(params["steps"] // params["rounds"], 1)
+        rng = np.random.default_rng(ctx.seed)
+        resampled = ctx.train.subset(rng.integers(0, len(ctx.train), steps_per_round * params["batch_size"]))
+        checkpoint = BestCheckpoint(masked, ctx)
+        config = TrainConfig(epochs=params["rounds"], lr=params["lr"], batch_size=params["batch_size"], optimizer="sgd",
+                             seed=ctx.seed, schedule="cosine", final_lr_fraction=params["final_lr"] / params["lr"])
+        fit(masked, resampled, config, loss_fn=loss_fn, device=ctx.device, parameters=list(masked.masks),
+            on_epoch_end=checkpoint.update, after_step=masked.clamp, description="NFT round")
+        checkpoint.restore()
+        params.update(masks=masked.mask_summary(), triggers=[t.to_dict() for t in ctx.triggers])
+        return MethodOutput(masked.fold(), params, checkpoint.history)

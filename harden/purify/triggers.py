@@ -1,0 +1,122 @@
+"""Reversed triggers: what a purification method unlearns and what its guardrail measures.
+
+Purification re-runs the scan's trigger inversion on the defender's clean split (the
+model and data are the same ones the user hands to `harden purify`, so nothing has to
+be trusted from an earlier run) and keeps the classes reachable with the smallest
+triggers: with an unknown target, unlearning the few most suspicious candidates is
+cheap and removes the real one whichever it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from harden.data.pipeline import LabelledDataset
+from harden.scan.classifier import probe_set
+from harden.scan.inversion import InversionConfig, invert_triggers
+
+
+@dataclass
+class ReversedTrigger:
+    """A mask/pattern pair found by inversion, usable wherever a trigger is (it stamps batches)."""
+
+    target: int
+    mask: torch.Tensor  # 1×H×W in [0, 1]
+    pattern: torch.Tensor  # C×H×W in [0, 1]
+    norm: float
+    asr: float
+
+    @property
+    def spec(self) -> str:
+        return f"reversed:target={self.target},norm={self.norm:.1f}"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        mask, pattern = self.mask.to(images.device), self.pattern.to(images.device)
+        return ((1 - mask) * images + mask * pattern).clamp(0.0, 1.0)
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "kind": "patch", "norm": self.norm, "asr": self.asr}
+
+
+@dataclass
+class AdditiveTrigger:
+    """A universal additive perturbation x + δ, ‖δ‖∞ ≤ ε, toward one class.
+
+    Patch-shaped masks miss full-image triggers (blends, sinusoidal signals): the
+    mask/pattern inversion still ranks their target first, but its patch is a different
+    shortcut. A bounded full-image perturbation toward that target is what such
+    backdoors make unusually easy, and stamping it with true labels unlearns them."""
+
+    target: int
+    delta: torch.Tensor  # C×H×W
+    epsilon: float
+    asr: float
+
+    @property
+    def spec(self) -> str:
+        return f"additive:target={self.target},epsilon={self.epsilon:g}"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return (images + self.delta.to(images.device)).clamp(0.0, 1.0)
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "kind": "additive", "epsilon": self.epsilon, "asr": self.asr}
+
+
+Stamp = ReversedTrigger | AdditiveTrigger
+
+
+def additive_trigger(module: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, target: int, *, epsilon: float = 0.1,
+                     steps: int = 100, lr: float = 0.1, device: torch.device = torch.device("cpu"), seed: int = 0) -> AdditiveTrigger:
+    """Optimise one δ (tanh-bounded to ±ε) that sends the probe images of other classes to `target`."""
+    sources = images[labels != target].to(device)
+    generator = torch.Generator().manual_seed(seed)
+    raw = (torch.randn(images.shape[1:], generator=generator) * 0.01).to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([raw], lr=lr)
+    goal = torch.full((len(sources),), target, device=device)
+    for _ in range(steps):
+        delta = epsilon * torch.tanh(raw)
+        loss = torch.nn.functional.cross_entropy(module((sources + delta).clamp(0, 1)), goal)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    delta = (epsilon * torch.tanh(raw)).detach()
+    with torch.no_grad():
+        asr = float((module((sources + delta).clamp(0, 1)).argmax(1) == target).float().mean())
+    return AdditiveTrigger(target, delta.cpu(), epsilon, asr)
+
+
+def reverse_triggers(module: torch.nn.Module, data: LabelledDataset, num_classes: int, *, count: int,
+                     config: InversionConfig | None = None, additive_epsilon: float = 0.1,
+                     device: torch.device = torch.device("cpu"), seed: int = 0) -> list[Stamp]:
+    """For the `count` classes reachable with the smallest reversed triggers: the mask/pattern
+    trigger and (unless `additive_epsilon` is 0) a bounded additive one, easiest class first."""
+    config = config or InversionConfig()
+    images, labels = probe_set(data, config.probe_per_class, seed)
+    result = invert_triggers(module, images, labels, num_classes, config, device=device, seed=seed)
+    ranked = sorted(result.classes, key=lambda c: (c.norm, -c.margin))[:count]
+    found: list[Stamp] = []
+    for c in ranked:
+        found.append(ReversedTrigger(c.target, c.mask, c.pattern, c.norm, c.asr))
+        if additive_epsilon > 0:
+            found.append(additive_trigger(module, images, labels, c.target, epsilon=additive_epsilon, device=device, seed=seed))
+    return found
+
+
+def stamp_fraction(images: torch.Tensor, triggers: list[Stamp], fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stamp a random `fraction` of the batch, each row with one randomly chosen trigger.
+
+    Returns the new batch and the boolean mask of stamped rows (labels stay the true ones:
+    that is what makes the model forget the trigger → target shortcut)."""
+    stamped = torch.rand(len(images), generator=generator) < fraction
+    if not triggers or not stamped.any():
+        return images, torch.zeros(len(images), dtype=torch.bool, device=images.device)
+    out = images.clone()
+    choice = torch.randint(len(triggers), (len(images),), generator=generator)
+    for index, trigger in enumerate(triggers):
+        rows = (stamped & (choice == index)).to(images.device)
+        if rows.any():
+            out[rows] = trigger(images[rows])
+    return out, stamped.to(images.device)

@@ -1,0 +1,47 @@
+"""`trigger-unlearn`: fine-tune on clean images stamped with the reversed triggers, true labels.
+
+The reversed trigger stands in for the unknown real one; training the model to ignore
+it breaks the trigger → target shortcut. Distillation toward the source model on the
+unstamped rows keeps clean accuracy when only a few hundred clean images are available,
+and the best epoch is chosen on the validation split.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from harden.purify.base import BestCheckpoint, Method, MethodOutput, PurifyContext, distillation, frozen_teacher, register_method
+from harden.purify.triggers import stamp_fraction
+from harden.training import TrainConfig, fit
+
+
+@register_method
+class TriggerUnlearn(Method):
+    name = "trigger-unlearn"
+    description = "fine-tune on clean data stamped with the reversed trigger(s), true labels, distilled toward the source"
+    defaults = {"epochs": 10, "lr": 1e-3, "batch_size": 64, "optimizer": "adam", "trigger_fraction": 0.3, "distill": 1.0,
+                "bn_mode": "update"}
+
+    def run(self, ctx: PurifyContext) -> MethodOutput:
+        params = dict(ctx.settings)
+        model = ctx.source.trainable().to(ctx.device)
+        teacher = frozen_teacher(ctx)
+        generator = ctx.generator(1)
+
+        def loss_fn(net, images, labels):
+            stamped, rows = stamp_fraction(images, ctx.triggers, params["trigger_fraction"], generator)
+            logits = net(stamped)
+            loss = F.cross_entropy(logits, labels)
+            clean = ~rows
+            if params["distill"] > 0 and clean.any():
+                loss = loss + params["distill"] * distillation(logits[clean], teacher(images[clean]))
+            return loss
+
+        checkpoint = BestCheckpoint(model, ctx)
+        config = TrainConfig(epochs=params["epochs"], lr=params["lr"], batch_size=params["batch_size"],
+                             optimizer=params["optimizer"], seed=ctx.seed, freeze_norm_stats=params["bn_mode"] == "freeze")
+        fit(model, ctx.train, config, loss_fn=loss_fn, device=ctx.device, on_epoch_end=checkpoint.update,
+            description="unlearning reversed trigger")
+        checkpoint.restore()
+        return MethodOutput(model, {**params, "triggers": [t.to_dict() for t in ctx.triggers]}, checkpoint.history)

@@ -1,0 +1,245 @@
+"""`harden purify`: mask machinery, each method on small models, the guardrail, registration and interrupts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from conftest import CustomNet, registry_snapshot, train_quickly, write_npz
+
+from harden import tracking
+from harden.attacks import Attack, PoisonedDataset
+from harden.data import load_data, split, to_uint8_arrays
+from harden.demo import DEMO_SPEC
+from harden.errors import HardenError, TrackingError
+from harden.evaluation import evaluate
+from harden.models import create_model, load_model
+from harden.models.wrappers import PixelModel
+from harden.publish import publish
+from harden.purify import purify
+from harden.purify.nft import MaskedNetwork, find_mask_sites, lower_bounds
+
+FAST_INVERSION = {"max_steps": 60, "probe_per_class": 6}
+
+
+class GateNet(torch.nn.Module):
+    """No BatchNorm: NFT gates conv and linear output channels instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.hidden = torch.nn.Linear(8, 16)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x)).mean((2, 3))
+        return self.head(torch.relu(self.hidden(x)))
+
+
+def _exported(net: torch.nn.Module) -> torch.nn.Module:
+    program = torch.export.export(net.eval(), (torch.rand(2, 3, 32, 32),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    return program.module()
+
+
+@pytest.mark.parametrize("build, kinds", [
+    (lambda: create_model("small_cnn", num_classes=10), {"bn"}),
+    (lambda: _exported(CustomNet()), {"bn"}),
+    (lambda: GateNet(), {"conv", "linear"}),
+])
+def test_masks_fold_into_plain_weights_with_identical_outputs(build, kinds):
+    torch.manual_seed(0)
+    net = build()
+    model = PixelModel(net).eval()
+    names_before = sorted(name for name, _ in net.named_parameters())
+    x = torch.rand(6, 3, 32, 32)
+    sites = find_mask_sites(model, x[:1])
+    assert {s.kind for s in sites} == kinds
+    head = [name for name, p in net.named_parameters() if p.ndim == 2][-1]
+    assert head not in {s.weight for s in sites}, "the classifier head is never masked"
+    masked = MaskedNetwork(model, sites, lower_bounds(len(sites), "none")).eval()
+    with torch.no_grad():
+        for mask in masked.masks:
+            mask.uniform_(0.1, 1.0)
+        expected = masked(x)
+        assert not torch.allclose(expected, PixelModel(build()).eval()(x))  # the masks change the outputs
+    folded = masked.fold()
+    assert sorted(name for name, _ in folded.net.named_parameters()) == names_before  # no extra parameters
+    with torch.no_grad():
+        assert torch.allclose(folded(x), expected, atol=1e-5)
+
+
+def test_lower_bounds_reference_and_depth_rules():
+    reference = lower_bounds(19, "index")
+    assert reference[0] == pytest.approx(0.485, abs=1e-3) and reference[3] == pytest.approx(0.108, abs=1e-3)
+    assert lower_bounds(19, "depth") == pytest.approx(reference)  # ResNet-18 depth: the published schedule
+    shallow = lower_bounds(4, "depth")
+    assert shallow[0] < 0.1 and shallow[-1] == pytest.approx(reference[-1])  # a 4-layer net reaches ResNet-18's deepest bound
+    assert lower_bounds(3, "none") == [0.0, 0.0, 0.0]
+    with pytest.raises(HardenError):
+        lower_bounds(3, "sideways")
+
+
+@pytest.fixture(scope="module")
+def demo_train_npz(demo, tmp_path_factory):
+    """The demo's poisoned training set, as the suspect training data a user would hand over."""
+    digits = load_data("digits", DEMO_SPEC, num_classes=10)
+    train, _, _ = split(digits, [0.7, 0.15, 0.15], seed=0)
+    poisoned = PoisonedDataset(train, Attack(demo.trigger, target=demo.target, num_classes=10), rate=0.1, seed=0)
+    return write_npz(tmp_path_factory.mktemp("suspect") / "train.npz", *to_uint8_arrays(poisoned)), poisoned.poisoned
+
+
+def _known_asr(model, data_dir, demo) -> float:
+    test = load_data(str(data_dir / "test.npz"), DEMO_SPEC, num_classes=10)
+    return evaluate(model, test, trigger=demo.trigger, target=demo.target).asr
+
+
+def test_cli_purifies_registers_and_aliases_the_demo(demo, run_cli, tmp_path):
+    before_versions = registry_snapshot()
+    report_file, out_dir = tmp_path / "purify.json", tmp_path / "purified"
+    code, _, err = run_cli("purify", demo.model_uri, "--data", demo.data_dir / "clean.npz", "--method", "trigger-unlearn",
+                           "--trigger", demo.trigger, "--target", demo.target, "--test-data", demo.data_dir / "test.npz",
+                           "--alias", "hardened", "--output", out_dir, "--format", "json", "--report", report_file, "-q",
+                           "--set", "epochs=6")
+    assert code == 0, err
+    report = json.loads(report_file.read_text())
+    assert report["schema"] == "harden.purify/1"
+    assert {"output_model_uri", "before", "after", "method", "params", "duration_s", "peak_memory_mb"} <= set(report)
+    assert report["before"]["test_known_asr"] > 0.9 and report["after"]["test_known_asr"] < 0.1
+    assert report["acc_drop_points"] <= 2.0
+    new = [v for v in registry_snapshot() if v not in before_versions]
+    assert new == [("harden-demo", new[0][1])] and report["output_model_uri"] == f"models:/harden-demo/{new[0][1]}"
+    version = tracking.resolve_registered_version("models:/harden-demo@hardened")
+    assert version.version == new[0][1]
+    tags = tracking.version_tags(version)
+    assert tags["harden.purified_from"] == demo.model_uri and tags["harden.method"] == "trigger-unlearn"
+    assert float(tags["harden.purify.acc_before"]) >= float(tags["harden.purify.acc_after"]) - 0.5
+    assert "harden.purify.known_asr_after" in tags
+    # it loads through pyfunc with its signature, and the local copy is the same model
+    predictions = mlflow.pyfunc.load_model(report["output_model_uri"]).predict(np.zeros((3, 3, 32, 32), np.float32))
+    assert np.asarray(predictions).shape == (3, 10)
+    registered, local = load_model(report["output_model_uri"]), load_model(out_dir)
+    assert registered.format == local.format == "pt2" and registered.arch == "small_cnn"
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(registered.module(x), local.module(x), atol=1e-5)
+    assert _known_asr(registered, demo.data_dir, demo) < 0.1
+
+
+def test_guardrail_trips_and_nothing_is_registered_or_written(demo, run_cli, tmp_path):
+    before_versions = registry_snapshot()
+    code, out, _ = run_cli("purify", demo.model_uri, "--data", demo.data_dir / "clean.npz", "--method", "trigger-unlearn",
+                           "--max-acc-drop", "-50", "--output", tmp_path / "never", "--format", "json", "-q",
+                           "--set", "epochs=1", "--set", "lr=1e-5")
+    assert code == 1
+    report = json.loads(out)
+    assert report["guardrail_passed"] is False and report["output_model_uri"] is None
+    assert registry_snapshot() == before_versions
+    assert not (tmp_path / "never").exists()
+
+
+def test_nft_lowers_reversed_trigger_success_and_keeps_the_architecture(demo):
+    result = purify(demo.model_uri, str(demo.data_dir / "clean.npz"), method="nft", triggers=1,
+                    options={"inversion": FAST_INVERSION, "nft": {"steps": 60, "rounds": 3, "batch_size": 64}})
+    assert result.before.reversed_asr > 0.8 and result.after.reversed_asr < result.before.reversed_asr - 0.3
+    assert set(result.model.net.state_dict()) == set(result.source.trainable().net.state_dict())
+    masks = result.params["masks"]
+    assert len(masks) == 4 and all(m["kind"] == "bn" for m in masks)
+
+
+def test_unlearn_relearn_uses_the_separation_and_removes_the_backdoor(demo, demo_train_npz, tmp_path):
+    train_npz, _ = demo_train_npz
+    result = purify(demo.model_uri, str(demo.data_dir / "clean.npz"), method="unlearn-relearn", train_data=str(train_npz),
+                    trigger=demo.trigger, target=demo.target, test_data=str(demo.data_dir / "test.npz"), triggers=1,
+                    options={"inversion": FAST_INVERSION, "unlearn-relearn": {"epochs": 4}})
+    assert result.params["flagged_poisoned"] > 0
+    assert result.before.test_known_asr > 0.9 and result.after.test_known_asr < 0.5
+    # a saved separation for a different training set is refused
+    bogus = tmp_path / "separation.json"
+    bogus.write_text(json.dumps({"schema": "harden.separation/1", "num_samples": 3, "poisoned": [0], "clean": [1]}))
+    with pytest.raises(HardenError, match="covers 3 samples"):
+        purify(demo.model_uri, str(demo.data_dir / "clean.npz"), method="unlearn-relearn", train_data=str(train_npz),
+               separation=str(bogus), options={"inversion": FAST_INVERSION})
+
+
+def test_unknown_pt2_architecture_is_purified_and_stays_pt2(mlflow_home, digits_arrays, run_cli, tmp_path):
+    x, y = digits_arrays
+    attack = Attack("grid_paste", target=3, num_classes=10)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(y))
+    train, clean, test = order[:1200], order[1200:1500], order[1500:]
+    poison = rng.choice(train[y[train] != 3], 120, replace=False)
+    images = x.copy()
+    stamped = attack.trigger(torch.from_numpy(images[poison]).permute(0, 3, 1, 2).float() / 255)
+    images[poison] = (stamped.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    labels = y.copy()
+    labels[poison] = 3
+    torch.manual_seed(0)
+    net = train_quickly(CustomNet(), images[train], labels[train], epochs=6)
+    with mlflow.start_run():
+        mlflow.pytorch.log_model(net, name="model", input_example=np.zeros((2, 3, 32, 32), np.float32), registered_model_name="outside-cnn")
+    clean_npz = write_npz(tmp_path / "clean.npz", x[clean], y[clean])
+    test_npz = write_npz(tmp_path / "test.npz", x[test], y[test])
+    code, out, err = run_cli("purify", "models:/outside-cnn/1", "--data", clean_npz, "--method", "trigger-unlearn",
+                             "--trigger", "grid_paste", "--target", 3, "--test-data", test_npz, "--format", "json", "-q",
+                             "--max-acc-drop", "5")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["before"]["test_known_asr"] > 0.8 and report["after"]["test_known_asr"] < 0.2
+    purified = load_model(report["output_model_uri"])
+    assert purified.format == "pt2" and purified.arch is None
+    assert sorted(purified.module.net.state_dict()) == sorted(load_model("models:/outside-cnn/1").module.net.state_dict())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "wobble=3"], "unknown setting"),
+    (["--set", "steps=many"], "expected int"),
+    (["--method", "unlearn-relearn"], "needs the suspect training set"),
+    (["--trigger", "grid_paste"], "--trigger needs --target"),
+])
+def test_bad_purify_input_is_one_line_exit_2(demo, run_cli, args, message):
+    before_versions = registry_snapshot()
+    code, _, err = run_cli("purify", demo.model_uri, "--data", demo.data_dir / "clean.npz", "-q", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert registry_snapshot() == before_versions
+
+
+def test_output_dir_in_use_is_refused_before_any_work(demo, run_cli, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    code, _, err = run_cli("purify", demo.model_uri, "--data", demo.data_dir / "clean.npz", "--output", tmp_path / "taken")
+    assert code == 2 and "not empty" in err
+
+
+def test_failure_after_registration_deletes_the_version(demo):
+    """Registration is one call with every tag; if moving the alias fails, the version is deleted again."""
+    source = load_model(demo.model_uri)
+    before_versions = registry_snapshot()
+    with tracking.command_run("purify", demo.model_uri):
+        with pytest.raises(TrackingError):
+            publish(source.trainable().net, source, tags={"harden.method": "x"}, alias="not a valid alias!")
+    assert registry_snapshot() == before_versions
+
+
+def test_sigterm_mid_run_leaves_no_version(demo, mlflow_home):
+    before_versions = registry_snapshot()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "harden", "purify", demo.model_uri, "--data", str(demo.data_dir / "clean.npz"), "--method", "nft",
+         "--set", "steps=100000", "--alias", "interrupted"],
+        cwd=mlflow_home, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(12)  # loaded, inverting or masking: well before registration
+    assert process.poll() is None, process.communicate()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted" in err
+    assert registry_snapshot() == before_versions
+    with pytest.raises(TrackingError):
+        tracking.resolve_registered_version("models:/harden-demo@interrupted")
