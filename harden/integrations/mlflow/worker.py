@@ -9,7 +9,8 @@ version is not scanned twice.
 
 Tags the worker writes (besides the scan's `harden.scan.*`):
 - `harden.hook.alias_blocked` = alias, on a flagged version the `--block-alias` was taken from;
-- `harden.hook.purified_as` = the purified version's URI (`--on-backdoor purify`);
+- `harden.hook.purified_as` = the purified version's URI (`--on-backdoor purify`; purify's own
+  lineage tags `harden.purified_from`, `harden.purify.acc_before/after` go on the new version);
 - `harden.hook.error` = why a job failed after its last attempt.
 """
 
@@ -138,16 +139,18 @@ class Worker:
             result["purified_as"] = self._purify(job, stop)
         return result
 
-    def _purify(self, job: Job, stop: threading.Event) -> str:
+    def _purify(self, job: Job, stop: threading.Event) -> str | None:
         """`harden purify` on the flagged version; the new version carries `harden.purified_from`, so its
-        own `model_version.created` event is ignored."""
+        own `model_version.created` event is ignored. None when purify's accuracy guardrail refused
+        the result (exit 1, nothing registered): deterministic, so not retried."""
         if not self.settings.data:
             raise JobFailed("--on-backdoor purify needs --data")
         name = self.settings.purify_register_as or job.name
         report = self._harden(job, ["purify", job.model_uri, "--data", self.settings.data, "--method", self.settings.purify_method,
-                                    "--register-as", name, "--format", "json"], stop, ok_codes=(0,))
-        uri = str(report["output_model_uri"])
-        self._client().set_model_version_tag(job.name, job.version, "harden.hook.purified_as", uri)
+                                    "--register-as", name, "--format", "json"], stop, ok_codes=(0, 1), report_flag="--report")
+        uri = report.get("output_model_uri")
+        if uri:
+            self._client().set_model_version_tag(job.name, job.version, "harden.hook.purified_as", str(uri))
         return uri
 
     def _alias(self, job: Job) -> dict[str, Any]:
@@ -179,14 +182,17 @@ class Worker:
         log.warning("%s is flagged (%s): alias %r %s", job.model_uri, verdict, alias, action)
         return {"alias": alias, "verdict": verdict, "action": action}
 
-    def _harden(self, job: Job, args: list[str], stop: threading.Event, ok_codes: tuple[int, ...]) -> dict[str, Any]:
-        """Run `python -m harden ARGS --output report.json -q` with the lease renewed; the parsed report."""
+    def _harden(self, job: Job, args: list[str], stop: threading.Event, ok_codes: tuple[int, ...],
+                report_flag: str = "--output") -> dict[str, Any]:
+        """Run `python -m harden ARGS <report_flag> report.json -q` with the lease renewed; the parsed report.
+
+        (`scan` writes its report with --output; `purify` uses --output for the model and --report for the report.)"""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if self.settings.tracking_uri:
             env["MLFLOW_TRACKING_URI"] = self.settings.tracking_uri
         with tempfile.TemporaryDirectory(prefix="harden-hook-") as tmp:
             output, errors = Path(tmp) / "report.json", Path(tmp) / "stderr.log"
-            command = [sys.executable, "-m", "harden", *args, "--output", str(output), "-q"]
+            command = [sys.executable, "-m", "harden", *args, report_flag, str(output), "-q"]
             with errors.open("wb") as stderr:
                 child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env,
                                          preexec_fn=self._preexec)  # noqa: PLW1509 - one prctl call, see _parent_death_signal
