@@ -298,3 +298,21 @@ def quiet_library_logs(verbose: bool) -> None:
     reports problems itself, once, so both stay quiet unless -v is given."""
     for name, quiet_level in (("mlflow", logging.WARNING), ("alembic", logging.WARNING), ("torch", logging.ERROR)):
         logging.getLogger(name).setLevel(logging.INFO if verbose else quiet_level)
+
+
+def read_run_json(run_id: str, artifact_path: str) -> dict[str, Any] | None:
+    """A JSON artifact of a run (e.g. `reports/scan.json`), or None when the run or file is gone.
+
+    Parsed with `json` only: a report read back is data, never code."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory(prefix="harden-report-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp)
+        except (MlflowException, OSError):
+            return None
+        try:
+            return json.loads(Path(local).read_text())
+        except (OSError, ValueError):
+            return None

@@ -2,18 +2,21 @@
 
 Methods differ in their loss and in which parameters move, not in the loop: pass a
 `loss_fn(model, images, labels) -> loss` and, if needed, the parameters to optimise.
+Under `torchrun` (after `harden.distributed.init()`) the same loop runs data-parallel
+and gives the single-process result; see harden/distributed.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from harden import distributed
 from harden.data.pipeline import make_loader
 from harden.progress import track
 
@@ -51,6 +54,20 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, w
     return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay)
 
 
+def _batches(data: Dataset, config: TrainConfig, epoch: int) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, int]]:
+    """(images, labels, global batch size): the whole batch in one process, this rank's share under torchrun."""
+    seed = config.seed + epoch
+    dist = distributed.context()
+    if not dist.enabled:
+        for images, labels in make_loader(data, config.batch_size, shuffle=True, seed=seed):
+            yield images, labels, len(labels)
+        return
+    for batch in distributed.global_batches(data, config.batch_size, seed):
+        share = distributed.local_share(batch, dist)
+        images, labels = distributed.collate(data, share) if share else (None, None)
+        yield images, labels, len(batch)
+
+
 def fit(
     model: nn.Module,
     data: Dataset,
@@ -66,30 +83,49 @@ def fit(
     """Train for `config.epochs`; returns the mean loss of each epoch.
 
     `after_step` runs after every optimiser step (e.g. to project parameters back
-    into their allowed range)."""
+    into their allowed range).
+
+    Data-parallel when `harden.distributed.init()` joined a torchrun group: `config.batch_size`
+    stays the *global* batch, every rank returns the same history and weights, and
+    `on_epoch_end` and the progress bar run on rank 0 only (`after_step` on every rank).
+    """
+    dist = distributed.context()
     model.to(device)
     params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
     optimizer = make_optimizer(config.optimizer, params, config.lr, config.weight_decay)
-    scheduler = _scheduler(optimizer, config, steps=config.epochs * len(make_loader(data, config.batch_size)))
+    steps = len(make_loader(data, config.batch_size))
+    scheduler = _scheduler(optimizer, config, steps=config.epochs * steps)
+    if dist.enabled:
+        distributed.broadcast_parameters(model)
     history: list[float] = []
     for epoch in range(config.epochs):
         _train_mode(model, config.freeze_norm_stats)  # every epoch: hooks may have evaluated the model
-        loader = make_loader(data, config.batch_size, shuffle=True, seed=config.seed + epoch)
         total, count = 0.0, 0
-        for images, labels in track(loader, f"{description} {epoch + 1}/{config.epochs}", total=len(loader)):
-            images, labels = images.to(device), labels.to(device)
-            loss = loss_fn(model, images, labels)
+        batches = _batches(data, config, epoch)
+        if dist.is_main:
+            batches = track(batches, f"{description} {epoch + 1}/{config.epochs}", total=steps)
+        for images, labels, global_size in batches:
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if labels is not None:
+                images, labels = images.to(device), labels.to(device)
+                loss = loss_fn(model, images, labels)
+                # Each rank's mean loss weighted by its share: the summed gradient is the global mean's.
+                (loss * (len(labels) / global_size) if dist.enabled else loss).backward()
+                total += float(loss.detach()) * len(labels)
+                count += len(labels)
+            if dist.enabled:
+                distributed.all_reduce_gradients(params)
             optimizer.step()
+            if dist.enabled:
+                distributed.average_buffers(model)
             if scheduler is not None:
                 scheduler.step()
             if after_step is not None:
                 after_step()
-            total += float(loss.detach()) * len(labels)
-            count += len(labels)
+        if dist.enabled:
+            total, count = distributed.sum_across_ranks(total, count)
         history.append(total / max(count, 1))
-        if on_epoch_end is not None:
+        if on_epoch_end is not None and dist.is_main:
             on_epoch_end(epoch, history[-1])
     model.eval()
     return history

@@ -82,9 +82,9 @@ def cli() -> None:
 
 
 def _register_commands() -> None:
-    from harden.cli import demo, evaluate, export, finetune_test, listing, purify, scan, serve, sophon, watermark
+    from harden.cli import demo, evaluate, export, finetune_test, fleet, gate, hook, listing, purify, scan, serve, sophon, watermark
 
-    for module in (demo, evaluate, export, listing, purify, scan, serve, sophon, finetune_test, watermark):
+    for module in (demo, evaluate, export, listing, purify, scan, serve, sophon, finetune_test, watermark, gate, hook, fleet):
         cli.add_command(module.command)
 
 

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import click
-import mlflow
 
-from harden import tracking
 from harden.cli.options import CommandContext, common_options, data_options, model_options, report_options
-from harden.models import fetch_model
 from harden.report import emit
-from harden.scan import TASKS, default_checks, scan
+from harden.scan import TASKS, default_checks, scan_and_record
 from harden.scan.base import CHECKS
 
 
@@ -55,31 +51,7 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
               "max_steps": max_steps, "strategy": strategy, "device": str(ctx.device), "seed": ctx.seed}
     options = {"inversion": {"probe_per_class": probe_per_class, "max_steps": max_steps, "strategy": strategy}}
     load_options = {"arch": arch, "num_classes": num_classes, "input_size": input_size, "mean": mean, "std": std, "allow_pickle": allow_pickle}
-    artifact = fetch_model(model)  # before the run opens: a wrong URI writes nothing
-    source_uri = artifact.registered.uri if artifact.registered else artifact.uri
-    with tracking.command_run("scan", source_uri, params) as run, tempfile.TemporaryDirectory(prefix="harden-scan-") as workdir:
-        result = scan(artifact, data=data, train_data=train_data, task=task, checks=names, device=ctx.device, seed=ctx.seed,
-                      options=options, load_options=load_options, resize=resize, workdir=Path(workdir))
-        if any(Path(workdir).iterdir()):
-            # Files checks leave (the sensitivity separation) live on in the run, where purify finds them.
-            mlflow.log_artifacts(workdir, "scan")
-            for check in result.checks:
-                if "separation_path" in check.details:
-                    check.details["separation_path"] = f"runs:/{run.info.run_id}/scan/{Path(check.details['separation_path']).name}"
-        report = result.report(sarif_location)
-        report.payload["run_id"] = run.info.run_id
-        metrics = {"p_backdoor": result.p_backdoor, "duration_s": result.duration_s, "peak_memory_mb": result.peak_memory_mb}
-        if result.per_class:
-            metrics["max_anomaly_index"] = max(c["anomaly_index"] for c in result.per_class)
-            mlflow.log_table({k: [c[k] for c in result.per_class] for k in ("target", "norm", "asr", "anomaly_index", "margin")},
-                             "scan/per_class.json")
-        tracking.log_metrics(metrics)
-        tracking.log_report(report, "scan")
-        if result.registered is not None:
-            tracking.set_version_tags(result.registered, {
-                "harden.scan.verdict": result.verdict,
-                "harden.scan.p_backdoor": "" if result.p_backdoor is None else f"{result.p_backdoor:.4f}",
-                "harden.scan.run_id": run.info.run_id,
-            })
+    result, report = scan_and_record(model, params, sarif_location, data=data, train_data=train_data, task=task, checks=names,
+                                     device=ctx.device, seed=ctx.seed, options=options, load_options=load_options, resize=resize)
     emit(report, fmt, output)
     return result.exit_code

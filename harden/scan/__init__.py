@@ -74,6 +74,15 @@ class ScanResult:
             "harden_version": __version__,
         }
 
+    def version_tags(self, run_id: str) -> dict[str, str]:
+        """The summary a registered version carries; `harden_version` lets fleet scans skip it next time."""
+        return {
+            "harden.scan.verdict": self.verdict,
+            "harden.scan.p_backdoor": "" if self.p_backdoor is None else f"{self.p_backdoor:.4f}",
+            "harden.scan.run_id": run_id,
+            "harden.scan.harden_version": __version__,
+        }
+
     def report(self, sarif_location: str | None = None) -> Report:
         per_class_rows = [[c["target"], c["norm"], c["asr"], c["anomaly_index"], c["margin"], "yes" if c["target"] in self.suspect_classes else ""]
                           for c in self.per_class]
@@ -167,3 +176,38 @@ def scan(
     uri = registered.uri if registered else artifact.uri
     return ScanResult(verdict, p_backdoor, suspects, inversion.details["per_class"] if inversion else [], results, uri,
                       cost.duration_s, cost.peak_memory_mb, workdir, registered)
+
+
+def scan_and_record(model: "str | ModelArtifact", params: dict[str, Any], sarif_location: str | None = None,
+                    **scan_kwargs: Any) -> tuple[ScanResult, Report]:
+    """`scan` inside one MLflow run: metrics, reports and images logged, the version tagged.
+
+    What `harden scan` does after parsing its options; fleet scans call it per version.
+    The model is resolved before the run opens, so a wrong URI writes nothing.
+    """
+    import mlflow
+
+    from harden import tracking
+
+    artifact = model if isinstance(model, ModelArtifact) else fetch_model(model)
+    source_uri = artifact.registered.uri if artifact.registered else artifact.uri
+    with tracking.command_run("scan", source_uri, params) as run, tempfile.TemporaryDirectory(prefix="harden-scan-") as workdir:
+        result = scan(artifact, workdir=Path(workdir), **scan_kwargs)
+        if any(Path(workdir).iterdir()):
+            # Files checks leave (the sensitivity separation) live on in the run, where purify finds them.
+            mlflow.log_artifacts(workdir, "scan")
+            for check in result.checks:
+                if "separation_path" in check.details:
+                    check.details["separation_path"] = f"runs:/{run.info.run_id}/scan/{Path(check.details['separation_path']).name}"
+        report = result.report(sarif_location)
+        report.payload["run_id"] = run.info.run_id
+        metrics = {"p_backdoor": result.p_backdoor, "duration_s": result.duration_s, "peak_memory_mb": result.peak_memory_mb}
+        if result.per_class:
+            metrics["max_anomaly_index"] = max(c["anomaly_index"] for c in result.per_class)
+            mlflow.log_table({k: [c[k] for c in result.per_class] for k in ("target", "norm", "asr", "anomaly_index", "margin")},
+                             "scan/per_class.json")
+        tracking.log_metrics(metrics)
+        tracking.log_report(report, "scan")
+        if result.registered is not None:
+            tracking.set_version_tags(result.registered, result.version_tags(run.info.run_id))
+    return result, report
