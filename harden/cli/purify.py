@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from harden import tracking
+from harden import distributed, tracking
 from harden.cli.options import CommandContext, common_options, data_options, model_options, open_model, report_options
 from harden.errors import HardenError
 from harden.publish import check_output_dir, publish, target_name
@@ -72,23 +72,29 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
               "validation_fraction": validation_fraction, "max_acc_drop": max_acc_drop, "triggers": trigger_count,
               "settings": settings, "device": str(ctx.device), "seed": ctx.seed}
     source_uri = loaded.registered.uri if loaded.registered else loaded.uri
-    with tracking.command_run("purify", source_uri, params) as run:
-        result = purify(loaded, data, method=method, task=task, train_data=train_data, separation=separation, trigger=trigger, target=target,
-                        test_data=test_data, validation_fraction=validation_fraction, max_acc_drop=max_acc_drop,
-                        triggers=trigger_count, options={method: settings}, device=ctx.device, seed=ctx.seed, resize=resize)
-        for stage, metrics in (("before", result.before), ("after", result.after)):
-            tracking.log_metrics({f"{k}_{stage}": v for k, v in metrics.to_dict().items()})
-        for step, scores in enumerate(result.history):
-            tracking.log_metrics({f"validation_{k}": v for k, v in scores.items()}, step=step)
-        tracking.log_metrics({"acc_drop_points": result.acc_drop, "der": result.der, "duration_s": result.duration_s,
-                              "peak_memory_mb": result.peak_memory_mb})
-        output_uri = None
-        if result.passed:
-            published = publish(result.model.net, loaded, tags=result.version_tags(), register_as=register_as, alias=alias,
-                                output=output, metadata={"purified_from": source_uri, "method": method})
-            output_uri = published.uri
-        report = result.report(output_uri)
-        report.payload["run_id"] = run.info.run_id
-        tracking.log_report(report, "purify")
+    options = {"method": method, "task": task, "train_data": train_data, "separation": separation, "trigger": trigger, "target": target,
+               "test_data": test_data, "validation_fraction": validation_fraction, "max_acc_drop": max_acc_drop,
+               "triggers": trigger_count, "options": {method: settings}, "resize": resize}
+    with distributed.launched(ctx.device) as dist:
+        # Under `torchrun` every rank trains its share of each batch; rank 0 alone logs, registers and reports.
+        if not dist.is_main:
+            return purify(loaded, data, device=dist.device, seed=ctx.seed, **options).exit_code
+        with tracking.command_run("purify", source_uri, params) as run:
+            result = purify(loaded, data, device=dist.device, seed=ctx.seed, **options)
+            for stage, metrics in (("before", result.before), ("after", result.after)):
+                tracking.log_metrics({f"{k}_{stage}": v for k, v in metrics.to_dict().items()})
+            for step, scores in enumerate(result.history):
+                tracking.log_metrics({f"validation_{k}": v for k, v in scores.items()}, step=step)
+            tracking.log_metrics({"acc_drop_points": result.acc_drop, "der": result.der, "duration_s": result.duration_s,
+                                  "peak_memory_mb": result.peak_memory_mb, "world_size": dist.world_size})
+            output_uri = None
+            if result.passed:
+                published = publish(result.model.net, loaded, tags=result.version_tags(), register_as=register_as, alias=alias,
+                                    output=output, metadata={"purified_from": source_uri, "method": method})
+                output_uri = published.uri
+            report = result.report(output_uri)
+            report.payload["run_id"] = run.info.run_id
+            tracking.log_report(report, "purify")
     emit(report, fmt, report_file)
     return result.exit_code
+

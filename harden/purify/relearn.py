@@ -25,7 +25,7 @@ from harden.training import TrainConfig, fit
 class UnlearnRelearn(Method):
     name = "unlearn-relearn"
     description = "D-BR: gradient ascent on samples flagged poisoned, descent on samples flagged clean (needs --train-data)"
-    defaults = {"epochs": 10, "lr": 1e-3, "batch_size": 64, "optimizer": "adam", "ascent_floor": 0.1, "ascent_cap": 5.0,
+    defaults = {"epochs": 10, "lr": 1e-4, "batch_size": 64, "optimizer": "adam", "ascent_floor": 0.1, "ascent_cap": 5.0,
                 "bn_mode": "freeze", "relearn_with_clean_split": True}
     needs_train_data = True
 

@@ -22,7 +22,7 @@ from harden.training import TrainConfig, fit
 class TriggerUnlearn(Method):
     name = "trigger-unlearn"
     description = "fine-tune on clean data stamped with the reversed trigger(s), true labels, distilled toward the source"
-    defaults = {"epochs": 40, "lr": 3e-4, "batch_size": 64, "optimizer": "adam", "trigger_fraction": 0.3, "distill": 1.0,
+    defaults = {"epochs": 40, "lr": 5e-4, "batch_size": 64, "optimizer": "adam", "trigger_fraction": 0.3, "distill": 1.0,
                 "bn_mode": "update", "beta": 1.0}  # beta: weight of RECEIVE's alignment term (encoders)
 
     def run(self, ctx: PurifyContext) -> MethodOutput:

@@ -38,3 +38,26 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path):
     assert ranks[0]["history"] == ranks[1]["history"]
     torch.testing.assert_close(torch.tensor(ranks[0]["history"]), torch.tensor(history), rtol=1e-5, atol=1e-6)
     assert history[-1] < history[0]  # it trained
+
+
+def test_purify_under_torchrun_matches_one_process(demo, mlflow_home, run_cli):
+    """`torchrun --nproc-per-node 2 -m harden purify` trains data-parallel; rank 0 alone registers one version."""
+    import json
+
+    from conftest import registry_snapshot
+
+    args = ["purify", demo.model_uri, "--data", str(demo.data_dir / "clean.npz"), "--method", "trigger-unlearn",
+            "--trigger", demo.trigger, "--target", str(demo.target), "--test-data", str(demo.data_dir / "test.npz"),
+            "--set", "epochs=12", "--set", "bn_mode=freeze", "--set", "lr=1e-3", "--format", "json", "-q"]
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    single = json.loads(out)
+    before = registry_snapshot()
+    env = {**os.environ, "PYTHONPATH": str(HERE.parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "harden", *args],
+                          env=env, cwd=mlflow_home, timeout=600, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    parallel = json.loads(done.stdout)
+    assert len(registry_snapshot()) == len(before) + 1  # one new version, from rank 0 only
+    for key in ("test_accuracy", "test_known_asr"):
+        assert abs(parallel["after"][key] - single["after"][key]) < 0.03, (key, parallel["after"], single["after"])
