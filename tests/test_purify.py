@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import CustomNet, registry_snapshot, train_quickly, write_npz
+from tests.conftest import CustomNet, registry_snapshot, train_quickly, write_npz
 
 from harden import tracking
 from harden.attacks import Attack, PoisonedDataset

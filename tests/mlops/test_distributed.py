@@ -44,7 +44,7 @@ def test_purify_under_torchrun_matches_one_process(demo, mlflow_home, run_cli):
     """`torchrun --nproc-per-node 2 -m harden purify` trains data-parallel; rank 0 alone registers one version."""
     import json
 
-    from conftest import registry_snapshot
+    from tests.conftest import registry_snapshot
 
     args = ["purify", demo.model_uri, "--data", str(demo.data_dir / "clean.npz"), "--method", "trigger-unlearn",
             "--trigger", demo.trigger, "--target", str(demo.target), "--test-data", str(demo.data_dir / "test.npz"),
