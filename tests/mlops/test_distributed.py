@@ -59,5 +59,6 @@ def test_purify_under_torchrun_matches_one_process(demo, mlflow_home, run_cli):
     assert done.returncode == 0, done.stderr[-2000:]
     parallel = json.loads(done.stdout)
     assert len(registry_snapshot()) == len(before) + 1  # one new version, from rank 0 only
-    for key in ("test_accuracy", "test_known_asr"):
-        assert abs(parallel["after"][key] - single["after"][key]) < 0.03, (key, parallel["after"], single["after"])
+    # Same batches and updates, but each rank draws which of its images get stamped: close, not bit-equal.
+    for key, tolerance in (("test_accuracy", 0.02), ("test_known_asr", 0.1)):
+        assert abs(parallel["after"][key] - single["after"][key]) < tolerance, (key, parallel["after"], single["after"])
