@@ -40,6 +40,8 @@ def configure(tracking_uri: str | None = None) -> str:
     # A CLI should fail in seconds, not minutes, when a tracking server is down.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # MLflow prints "View run ... at: <url>" to stdout for tracking servers; harden's stdout is its report (JSON, SARIF).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     quiet_library_logs(logging.getLogger("harden").getEffectiveLevel() < logging.WARNING)

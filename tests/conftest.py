@@ -25,8 +25,23 @@ def mlflow_home(tmp_path_factory) -> Path:
     previous = Path.cwd()
     os.chdir(home)  # MLflow puts artifacts under ./mlruns
     tracking.configure(uri)
+    _SESSION_STORE["uri"] = uri
     yield home
     os.chdir(previous)
+
+
+_SESSION_STORE: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True)
+def _session_store_restored():
+    """`mlflow.set_tracking_uri` also rewrites MLFLOW_TRACKING_URI: after a test that pointed a
+    command at a tracking server (`--tracking-uri http://...`), point everything back."""
+    yield
+    uri = _SESSION_STORE.get("uri")
+    if uri and os.environ.get("MLFLOW_TRACKING_URI") != uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        tracking.configure(uri)
 
 
 @pytest.fixture(scope="session")

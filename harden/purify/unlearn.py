@@ -9,7 +9,6 @@ and the best epoch is chosen on the validation split.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from harden.purify.base import BestCheckpoint, Method, MethodOutput, PurifyContext, distillation, frozen_teacher, register_method

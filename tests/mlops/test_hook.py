@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harden import __version__, tracking
+from harden import __version__
 from harden.integrations.mlflow import HookServer, JobQueue, sign
 from tests.mlops.conftest import SECRET, SECRET_ENV, register_copy, wait_for
 
@@ -90,11 +90,8 @@ def test_backdoored_version_is_tagged_alias_blocked_and_survives_a_worker_kill(d
     monkeypatch.setenv(SECRET_ENV, SECRET)
     client = mlflow_server.client()
     hook = start_hook(tmp_path / "queue.db", "--data", str(demo.data_dir / "clean.npz"), "--block-alias", "production")
-    try:
-        code, out, err = run_cli("hook", "register", "--url", hook.url, "--secret-env", SECRET_ENV, "--name", "harden-e2e",
-                                 "--tracking-uri", mlflow_server.url, "--format", "json")
-    finally:
-        tracking.configure()  # back to the session's store
+    code, out, err = run_cli("hook", "register", "--url", hook.url, "--secret-env", SECRET_ENV, "--name", "harden-e2e",
+                             "--tracking-uri", mlflow_server.url, "--format", "json")  # conftest restores the session's store
     assert code == 0, err
     webhook = json.loads(out)
     assert set(webhook["events"]) == {"model_version.created", "model_version_alias.created"}
