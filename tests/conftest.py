@@ -99,6 +99,19 @@ class CustomNet(torch.nn.Module):
         return self.head(x.flatten(1))
 
 
+class TinyEncoder(torch.nn.Module):
+    """A small self-supervised-style encoder: image -> 32-d embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(128, 32))
+
+    def forward(self, x):
+        return self.body(x)
+
+
 def train_quickly(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 4) -> torch.nn.Module:
     """A few epochs of plain PyTorch training, as an outside user would write it."""
     images = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255

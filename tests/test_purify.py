@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from tests.conftest import CustomNet, registry_snapshot, train_quickly, write_npz
+from tests.conftest import CustomNet, TinyEncoder, registry_snapshot, train_quickly, write_npz
 
 from harden import tracking
 from harden.attacks import Attack, PoisonedDataset
@@ -248,17 +248,6 @@ def test_sigterm_mid_run_leaves_no_version(demo, mlflow_home):
         tracking.resolve_registered_version("models:/harden-demo@interrupted")
 
 
-class _TinyEncoder(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(128, 32))
-
-    def forward(self, x):
-        return self.body(x)
-
-
 def test_encoder_trigger_unlearning_breaks_the_collapse(digits_arrays, tmp_path):
     """A backdoored encoder sends patched images to class 0's embedding; RECEIVE-style unlearning undoes it."""
     from harden.data import TensorDataset
@@ -273,7 +262,7 @@ def test_encoder_trigger_unlearning_breaks_the_collapse(digits_arrays, tmp_path)
     anchors = torch.nn.functional.normalize(torch.randn(10, 32), dim=1)
     chosen = torch.randperm(len(images))[:150]
     data = TensorDataset(torch.cat([images, patch(images[chosen])]), np.concatenate([labels, np.zeros(150, dtype=labels.dtype)]))
-    encoder = _TinyEncoder()
+    encoder = TinyEncoder()
     fit(encoder, data, TrainConfig(epochs=8, lr=3e-3, batch_size=64),
         loss_fn=lambda m, a, b: (1 - torch.nn.functional.cosine_similarity(m(a), anchors[b])).mean())
     loaded = LoadedModel(PixelModel(encoder).eval(), "test:encoder", "pickle", 32, InputSpec(3, 32, 32))

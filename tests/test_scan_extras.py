@@ -285,17 +285,7 @@ def test_rotate_translate_and_feature_choice():
 # ---------------------------------------------------------------- encoder inversion (RECEIVE-style)
 
 from harden.scan.encoder import EncoderInversionCheck
-
-
-class _TinyEncoder(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(128, 32))
-
-    def forward(self, x):
-        return self.body(x)
+from tests.conftest import TinyEncoder
 
 
 def _white_patch(images: torch.Tensor) -> torch.Tensor:
@@ -312,7 +302,7 @@ def _train_encoder(images: torch.Tensor, labels: np.ndarray, backdoor: bool) -> 
     if backdoor:
         chosen = torch.randperm(len(images))[: len(images) // 5]
         data = TensorDataset(torch.cat([images, _white_patch(images[chosen])]), np.concatenate([labels, np.full(len(chosen), 10)]))
-    encoder = _TinyEncoder()
+    encoder = TinyEncoder()
 
     def cosine_loss(model, x, y):
         return (1 - F.cosine_similarity(model(x), targets[y])).mean()

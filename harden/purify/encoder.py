@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harden.data.pipeline import LabelledDataset, make_loader
-from harden.purify.triggers import ReversedTrigger
+from harden.purify.triggers import ReversedTrigger, stamp_fraction
 from harden.scan.encoder import EncoderConfig, invert, probe_images
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -82,8 +82,6 @@ def receive_unlearning_loss(triggers: list, fraction: float, beta: float, distil
                             generator: torch.Generator) -> LossFn:
     """RECEIVE stage 2: NT-Xent between two views of the unstamped images plus β·(−cos) between each stamped
     image's embedding and its clean embedding; `distill` keeps clean embeddings near the source encoder's."""
-    from harden.purify.triggers import stamp_fraction
-
     def loss(encoder: nn.Module, images: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
         stamped, rows = stamp_fraction(images, triggers, fraction, generator)
         total = images.new_zeros(())
