@@ -68,6 +68,11 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a single process; readable before `init()`."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init(device: str | torch.device | None = None, timeout_s: float = 600.0) -> DistContext:
     """Join torchrun's process group (idempotent); a single process gets a trivial context."""
     import torch.distributed as dist
@@ -159,8 +164,8 @@ def broadcast_parameters(model: nn.Module) -> None:
         dist.broadcast(tensor.data, src=0)
 
 
-def all_reduce_gradients(params: Sequence[nn.Parameter]) -> None:
-    """Sum gradients across ranks in one flat buffer.
+def all_reduce_gradients(params: Sequence[nn.Parameter], average: bool = False) -> None:
+    """Sum (or, with `average`, average) gradients across ranks in one flat buffer.
 
     A rank whose share was empty contributes zeros; a parameter no rank touched keeps
     `grad=None`, so the optimizer skips it exactly as it would in a single process."""
@@ -170,6 +175,8 @@ def all_reduce_gradients(params: Sequence[nn.Parameter]) -> None:
     used = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype, device=grads[0].device)
     flat = torch.cat([*(g.reshape(-1) for g in grads), used])
     dist.all_reduce(flat)
+    if average:
+        flat[:-len(params)] /= context().world_size
     offset = 0
     for index, p in enumerate(params):
         n = p.numel()

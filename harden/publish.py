@@ -87,7 +87,7 @@ def _save_local(net: nn.Module, shape: tuple[int, int, int], meta: Mapping[str, 
     try:
         model_dir = staging / "model"
         mlflow.pytorch.save_model(tracking.eval_mode(net), str(model_dir), input_example=tracking.example_input(shape, example_batch),
-                                  metadata={"harden": dict(meta)})
+                                  metadata={"harden": dict(meta)}, pip_requirements=tracking.pip_requirements())
         if output.exists():
             output.rmdir()  # empty, checked above
         os.replace(model_dir, output)

@@ -194,12 +194,24 @@ def example_input(input_shape: tuple[int, int, int], batch: int = 2) -> np.ndarr
     return np.zeros((batch, *input_shape), dtype=np.float32)
 
 
+# What loading a pt2 model through pyfunc imports. Naming it saves MLflow's requirement inference,
+# which re-loads the model in a subprocess and costs 5-7 s per logged model.
+_PT2_REQUIREMENTS = ("mlflow", "torch", "cloudpickle", "numpy", "pandas")
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of a logged pt2 model, at the installed versions (local tags like +cpu dropped)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in _PT2_REQUIREMENTS]
+
+
 def log_model(net, input_shape: tuple[int, int, int], harden_metadata: Mapping[str, Any], name: str = "model", example_batch: int = 2):
     """Log a model as pt2 (+ pyfunc) with a numpy example; a batch-2 example gives a dynamic batch."""
     import mlflow
 
     return mlflow.pytorch.log_model(eval_mode(net), name=name, input_example=example_input(input_shape, example_batch),
-                                    metadata={"harden": dict(harden_metadata)})
+                                    metadata={"harden": dict(harden_metadata)}, pip_requirements=pip_requirements())
 
 
 def register_model(model_uri: str, name: str, tags: Mapping[str, str] | None = None, alias: str | None = None) -> RegisteredVersion:

@@ -66,7 +66,7 @@ def run_cli(mlflow_home):
 
 def registry_snapshot() -> list[tuple[str, str]]:
     client = mlflow.tracking.MlflowClient()
-    return sorted((mv.name, mv.version) for mv in client.search_model_versions(max_results=1000))
+    return sorted((mv.name, str(mv.version)) for mv in client.search_model_versions(max_results=1000))
 
 
 def write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> Path:

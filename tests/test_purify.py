@@ -105,7 +105,7 @@ def test_cli_purifies_registers_and_aliases_the_demo(demo, run_cli, tmp_path):
     before_versions = registry_snapshot()
     report_file, out_dir = tmp_path / "purify.json", tmp_path / "purified"
     code, _, err = run_cli("purify", demo.model_uri, "--data", demo.data_dir / "clean.npz", "--method", "trigger-unlearn",
-                           "--trigger", demo.trigger, "--target", demo.target, "--test-data", demo.data_dir / "test.npz",
+                           "--trigger", demo.trigger, "--target", demo.target, "--test-data", demo.data_dir / "test.npz", "--triggers", "1",
                            "--alias", "hardened", "--output", out_dir, "--format", "json", "--report", report_file, "-q")
     assert code == 0, err
     report = json.loads(report_file.read_text())
@@ -135,8 +135,8 @@ def test_cli_purifies_registers_and_aliases_the_demo(demo, run_cli, tmp_path):
 def test_guardrail_trips_and_nothing_is_registered_or_written(demo, run_cli, tmp_path):
     before_versions = registry_snapshot()
     code, out, _ = run_cli("purify", demo.model_uri, "--data", demo.data_dir / "clean.npz", "--method", "trigger-unlearn",
-                           "--max-acc-drop", "-50", "--output", tmp_path / "never", "--format", "json", "-q",
-                           "--set", "epochs=1", "--set", "lr=1e-5")
+                           "--max-acc-drop", "-50", "--output", tmp_path / "never", "--format", "json", "-q", "--triggers", "1",
+                           "--set", "epochs=1", "--set", "lr=1e-5", "--set", "inversion.max_steps=60")
     assert code == 1
     report = json.loads(out)
     assert report["guardrail_passed"] is False and report["output_model_uri"] is None
@@ -204,6 +204,7 @@ def test_unknown_pt2_architecture_is_purified_and_stays_pt2(mlflow_home, digits_
 @pytest.mark.parametrize("args, message", [
     (["--set", "wobble=3"], "unknown setting"),
     (["--set", "epochs=many"], "expected int"),
+    (["--set", "inversion.lr=fast"], "setting inversion.lr='fast': expected float"),
     (["--method", "unlearn-relearn"], "needs the suspect training set"),
     (["--trigger", "grid_paste"], "--trigger needs --target"),
 ])

@@ -10,6 +10,9 @@ import click
 from harden.cli.options import CommandContext, common_options, reject, report_options
 from harden.integrations.mlflow import EVENTS, HookSettings, register_webhook, serve
 from harden.integrations.mlflow.worker import ON_BACKDOOR
+from harden.cli.purify import setting_pairs
+from harden.purify import DEFAULT_METHOD, METHODS
+from harden.purify.base import split_settings
 from harden.report import Report, Table, emit
 
 
@@ -42,18 +45,21 @@ def command() -> None:
 @click.option("--checks", default=None, help="Scan checks, comma-separated (default: all).")
 @click.option("--on-backdoor", type=click.Choice(ON_BACKDOOR), default="tag", show_default=True,
               help="tag: only tag the version; purify: also purify it and register the result.")
-@click.option("--purify-method", default="nft", show_default=True, help="harden purify --method for --on-backdoor purify.")
+@click.option("--purify-method", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True, help="harden purify --method for --on-backdoor purify.")
+@click.option("--purify-set", "purify_settings", multiple=True, callback=setting_pairs, metavar="KEY=VALUE",
+              help="harden purify --set for --on-backdoor purify, repeatable (e.g. --purify-set epochs=20).")
 @click.option("--register-as", default=None, help="Registered model for purified versions (default: the flagged model's).")
 @click.option("--block-alias", default=None, help="Move this alias back when a flagged version receives it.")
 @click.option("--workers", type=click.IntRange(0, 64), default=1, show_default=True, help="Jobs run at once (0: only receive).")
 @click.option("--tolerance", type=click.FloatRange(1), default=300.0, show_default=True, help="Max age of a delivery, seconds.")
 @common_options
-def serve_command(ctx: CommandContext, host, port, secret_env, queue_path, data, checks, on_backdoor, purify_method, register_as,
+def serve_command(ctx: CommandContext, host, port, secret_env, queue_path, data, checks, on_backdoor, purify_method, purify_settings, register_as,
                   block_alias, workers, tolerance) -> None:
     """Receive MLflow webhooks and scan each new model version (runs until Ctrl-C / SIGTERM)."""
     if on_backdoor == "purify" and not data:
         reject("--on-backdoor purify needs --data")
-    settings = HookSettings(data=data, checks=checks, on_backdoor=on_backdoor, purify_method=purify_method,
+    split_settings(METHODS[purify_method], purify_settings)  # a typo fails now, not at the first flagged version
+    settings = HookSettings(data=data, checks=checks, on_backdoor=on_backdoor, purify_method=purify_method, purify_settings=purify_settings,
                             purify_register_as=register_as, block_alias=block_alias, tracking_uri=ctx.tracking_uri)
     try:
         serve(host, port, _secret(secret_env), queue_path, settings, workers=workers, tolerance_s=tolerance,

@@ -11,10 +11,12 @@ from harden.cli.options import CommandContext, common_options, data_options, mod
 from harden.errors import HardenError
 from harden.publish import check_output_dir, publish, target_name
 from harden.purify import DEFAULT_METHOD, METHODS, purify
+from harden.purify.base import split_settings
 from harden.report import emit
 
 
-def _settings(_ctx, _param, values: tuple[str, ...]) -> dict[str, str]:
+def setting_pairs(_ctx, _param, values: tuple[str, ...]) -> dict[str, str]:
+    """`--set KEY=VALUE` options as a dict (checked against the method's settings later)."""
     settings = {}
     for item in values:
         key, sep, value = item.partition("=")
@@ -41,8 +43,9 @@ def _settings(_ctx, _param, values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--max-acc-drop", type=float, default=2.0, show_default=True,
               help="Accuracy points the purified model may lose on the held-out split; more exits 1 and registers nothing.")
 @click.option("--triggers", "trigger_count", type=int, default=2, show_default=True, help="Reversed triggers (smallest first) to unlearn.")
-@click.option("--set", "settings", multiple=True, callback=_settings, metavar="KEY=VALUE",
-              help="Method setting, repeatable, e.g. --set lr=1e-4 (`harden list methods` shows every setting and default).")
+@click.option("--set", "settings", multiple=True, callback=setting_pairs, metavar="KEY=VALUE",
+              help="Method setting, repeatable, e.g. --set lr=1e-4 (`harden list methods` shows every setting and default); "
+                   "inversion.KEY=VALUE tunes the trigger reversal, e.g. --set inversion.max_steps=100.")
 @click.option("--register-as", default=None, help="Register under this name (default: the source model's name).")
 @click.option("--alias", default=None, help="Move this alias (e.g. hardened) onto the new version.")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None, help="Also write the purified MLflow model here.")
@@ -74,7 +77,7 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
     source_uri = loaded.registered.uri if loaded.registered else loaded.uri
     options = {"method": method, "task": task, "train_data": train_data, "separation": separation, "trigger": trigger, "target": target,
                "test_data": test_data, "validation_fraction": validation_fraction, "max_acc_drop": max_acc_drop,
-               "triggers": trigger_count, "options": {method: settings}, "resize": resize}
+               "triggers": trigger_count, "options": split_settings(METHODS[method], settings), "resize": resize}
     with distributed.launched(ctx.device) as dist:
         # Under `torchrun` every rank trains its share of each batch; rank 0 alone logs, registers and reports.
         if not dist.is_main:

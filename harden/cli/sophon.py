@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from harden import __version__, tracking
+from harden import __version__, distributed, tracking
 from harden.cli.finetune_test import result_tables
 from harden.cli.options import CommandContext, common_options, model_options, open_model, report_options
 from harden.data import load_data, split
@@ -120,6 +121,10 @@ def outer_params(outer: OuterConfig) -> dict[str, Any]:
                       "strategies": ",".join(inner.strategies), "trajectories": inner.trajectories}}
 
 
+def _log_check(check: dict) -> None:
+    tracking.log_metrics({"original_accuracy": check["original_accuracy"], "query_loss": check["query_loss"]}, step=check["loop"])
+
+
 def source_uri_of(loaded: LoadedModel) -> str:
     return loaded.registered.uri if loaded.registered else loaded.uri
 
@@ -153,6 +158,7 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
     Examples:
       harden sophon models:/digits-cnn/1 --original-data digits --restricted-data digits-inverted --alias sophon
       harden sophon models:/cnn@prod --original-data orig.npz --restricted-data svhn/ --loss inverse-ce --loops 500 --format json
+      torchrun --nproc-per-node 4 -m harden sophon models:/cnn@prod --original-data orig.npz --restricted-data svhn/
     """
     check_output_dir(save_model)
     outer.seed = ctx.seed
@@ -165,18 +171,20 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
     source_uri = source_uri_of(loaded)
     params = {"original_data": original_data, "restricted_data": restricted_data, "loss": loss, **outer_params(outer),
               "test_fraction": test_fraction, "check": check, "device": str(ctx.device), "seed": ctx.seed}
-    with tracking.command_run("sophon", source_uri, params) as run:
-        with measure(ctx.device) as cost:
-            source_net = loaded.trainable()
+    # Under `torchrun` every rank runs the outer loop data-parallel; rank 0 alone logs, checks and registers.
+    main = distributed.is_main_process()
+    with tracking.command_run("sophon", source_uri, params) if main else contextlib.nullcontext() as run:
+        source_net = loaded.trainable()
+        with distributed.launched(ctx.device) as dist, measure(dist.device) as cost:
             result = harden_model(loaded.trainable(), original_train, original_test, restricted_train,
-                                  loss=loss, config=outer, device=ctx.device,
-                                  on_check=lambda h: tracking.log_metrics({"original_accuracy": h["original_accuracy"],
-                                                                           "query_loss": h["query_loss"]}, step=h["loop"]))
+                                  loss=loss, config=outer, device=dist.device, on_check=_log_check if main else None)
+        kept = result.acc_drop <= outer.max_acc_drop + 1e-9
+        if not main:
+            return 0 if kept else EXIT_FINDINGS
         attack = None
         if check != "none":
             train, test = attacker_split(restricted_test, test_fraction=0.5, train_per_class=check_train_per_class, seed=ctx.seed)
             attack = finetune_test(result.model, train, test, budget=check, baseline=source_net, device=ctx.device, seed=ctx.seed)
-        kept = result.acc_drop <= outer.max_acc_drop + 1e-9
         metrics = {"acc_before": result.acc_before, "acc_after": result.acc_after, "duration_s": cost.duration_s,
                    "peak_memory_mb": cost.peak_memory_mb, "loops_done": result.outer.loops_done, "rollbacks": result.outer.rollbacks}
         if attack is not None:

@@ -35,12 +35,11 @@ from harden.purify import nft as _nft  # noqa: F401  (each import registers a me
 from harden.purify import relearn as _relearn  # noqa: F401
 from harden.purify import unlearn as _unlearn  # noqa: F401
 from harden.purify.encoder import KnnView, encoder_trigger
-from harden.purify.base import METHODS, PurifyContext, resolve_settings, reversed_asr
+from harden.purify.base import METHODS, PurifyContext, inversion_config, resolve_settings, reversed_asr
 from harden.purify.triggers import Stamp, reverse_triggers
 from harden.report import Report, Table
 from harden.runtime import measure
 from harden.scan.encoder import EncoderConfig
-from harden.scan.inversion import InversionConfig
 
 DEFAULT_METHOD = "trigger-unlearn"
 SCHEMA = "harden.purify/1"
@@ -224,6 +223,7 @@ def purify(
     if task == "encoder" and method != "trigger-unlearn":
         raise HardenError(f"--task encoder supports --method trigger-unlearn only (not {method})")
     settings = resolve_settings(METHODS[method], dict((options or {}).get(method, {})))
+    inversion = inversion_config((options or {}).get("inversion", {}))
     if METHODS[method].needs_train_data and not train_data:
         raise HardenError(f"{method} needs the suspect training set: pass --train-data (and optionally --separation)")
     if not 0.0 < validation_fraction < 1.0:
@@ -241,15 +241,16 @@ def purify(
         suspect = load_data(train_data, spec, num_classes=classes, resize=resize) if train_data else None
         test = load_data(test_data, spec, num_classes=classes, resize=resize) if test_data else None
         view = _knn_view(train, classes, device) if task == "encoder" else (lambda module: module)
+        # before the trigger reversal, so that a separation that does not fit fails at once
+        separated = load_separation(separation, loaded, suspect, clean, device, seed) if suspect is not None else None
         if task == "encoder":
             reversed_triggers = [encoder_trigger(loaded.module, train, classes, config=EncoderConfig.from_options(options or {}),
                                                  device=device, seed=seed)]
         else:
-            inversion = InversionConfig(**(options or {}).get("inversion", {}))
             reversed_triggers = reverse_triggers(loaded.module, train, classes, count=triggers, config=inversion, device=device, seed=seed)
         before = _measure_metrics(view(loaded.module), validation, reversed_triggers, attack, test, device)
         ctx = PurifyContext(loaded, train, validation, reversed_triggers, device, seed, settings, task=task, view=view, train_data=suspect,
-                            separation=load_separation(separation, loaded, suspect, clean, device, seed) if suspect is not None else None)
+                            separation=separated)
         output = METHODS[method].run(ctx)
         after = _measure_metrics(view(output.model), validation, reversed_triggers, attack, test, device)
     params = {"validation_fraction": validation_fraction, "triggers": triggers, "seed": seed, **output.params}

@@ -57,6 +57,32 @@ def resolve_settings(method: "Method", overrides: dict[str, Any]) -> dict[str, A
     return values
 
 
+INVERSION_PREFIX = "inversion."
+
+
+def inversion_config(overrides: dict[str, Any]) -> "InversionConfig":
+    """The trigger reversal's settings (`--set inversion.max_steps=100`), coerced like a method's."""
+    from dataclasses import fields
+
+    from harden.scan.inversion import InversionConfig
+
+    defaults = {f.name: f.default for f in fields(InversionConfig)}
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise HardenError(f"unknown inversion setting(s) {', '.join(unknown)}; known: {', '.join(defaults)}")
+    return InversionConfig(**{key: _coerce(INVERSION_PREFIX + key, value, defaults[key]) for key, value in overrides.items()})
+
+
+def split_settings(method: "Method", pairs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`--set KEY=VALUE` pairs as purify's `options`: the method's own settings, and `inversion.*`
+    for the trigger reversal; both checked now, before any work."""
+    inversion = {k[len(INVERSION_PREFIX):]: v for k, v in pairs.items() if k.startswith(INVERSION_PREFIX)}
+    own = {k: v for k, v in pairs.items() if not k.startswith(INVERSION_PREFIX)}
+    resolve_settings(method, own)
+    inversion_config(inversion)
+    return {method.name: own, "inversion": inversion}
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
     if isinstance(value, str) and not isinstance(default, str):
         import yaml

@@ -11,6 +11,12 @@ applies it. (2) NTR steps of the original-domain loss with a second optimiser on
 same parameters (lr multipliers α, β; the losses alternate, never summed). (3) Every
 `eval_every` loops a guard checks original accuracy on a fixed cached subset against
 its starting value and rolls back (or stops) when it falls more than `max_acc_drop`.
+
+Under `torchrun` (after `harden.distributed.init()`) every rank simulates its own
+trajectories (its own support batches and strategy draws) and the outer gradient is their
+average, so N ranks imagine N times as many attackers per outer step in the same wall time;
+the original-domain batches are sharded across ranks as in `harden.training.fit`. All
+ranks hold the same weights throughout, so the guard decides the same everywhere.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harden import distributed
 from harden.data.pipeline import LabelledDataset, TensorDataset, make_loader
 from harden.sophon.data import in_memory
 from harden.errors import HardenError
@@ -83,11 +90,13 @@ class InnerLoop:
             make_optimizer(name, [nn.Parameter(torch.zeros(1))], lr)
 
 
-def outer_gradient(model: nn.Module, stream: BatchStream, inner: InnerLoop, query_loss: BatchLoss) -> tuple[list[torch.Tensor | None], float]:
+def outer_gradient(model: nn.Module, stream: BatchStream, inner: InnerLoop, query_loss: BatchLoss,
+                   generator: torch.Generator | None = None) -> tuple[list[torch.Tensor | None], float]:
     """First-order MAML gradient of the query loss, averaged over trajectories and query steps.
 
     The whole outer-gradient computation lives here so that a distributed run only has
-    to all-reduce the returned list. A re-initialised head's query gradient says nothing
+    to all-reduce the returned list. `generator` draws each trajectory's strategy and
+    optimiser (ranks of a distributed run use different ones). A re-initialised head's query gradient says nothing
     about the model's own head, so it is not routed back (head gradients flow only when
     the trajectory kept the head).
     """
@@ -97,8 +106,8 @@ def outer_gradient(model: nn.Module, stream: BatchStream, inner: InnerLoop, quer
     total, count = 0.0, 0
     queries = inner.steps if inner.query_every_step else 1
     for _ in range(inner.trajectories):
-        strategy = strategies[int(torch.randint(len(strategies), (1,)))]
-        name, lr = inner.optimizers[int(torch.randint(len(inner.optimizers), (1,)))]
+        strategy = strategies[int(torch.randint(len(strategies), (1,), generator=generator))]
+        name, lr = inner.optimizers[int(torch.randint(len(inner.optimizers), (1,), generator=generator))]
         clone = copy.deepcopy(model).train()
         moving = strategy.prepare(clone)
         clone_params = list(clone.parameters())
@@ -200,9 +209,13 @@ def train_outer(
     config.validate()
     start = time.perf_counter()
     model.to(device)
+    dist = distributed.context()
+    if dist.enabled:
+        distributed.broadcast_parameters(model)
     guard_set = in_memory(original_eval, config.eval_size, config.seed)
-    fts_stream = BatchStream(simulated, config.inner.batch_size, config.seed, device)
+    fts_stream = BatchStream(simulated, config.inner.batch_size, config.seed + 7919 * dist.rank, device)
     ntr_stream = BatchStream(original, config.batch_size, config.seed + 1, device)
+    trajectory_rng = torch.Generator().manual_seed(config.seed + 7919 * dist.rank)
     params = list(model.parameters())
     fts = make_optimizer(config.optimizer, params, config.alpha * config.lr)
     ntr = make_optimizer(config.optimizer, params, config.beta * config.lr)
@@ -213,20 +226,28 @@ def train_outer(
     for loop in range(config.loops):
         if config.alpha > 0:  # α = 0 leaves only the original-domain steps (an ablation baseline)
             model.eval()  # the FTS step only reads the model; its clones train
-            grads, query_value = outer_gradient(model, fts_stream, config.inner, query_loss)
-            query_losses.append(query_value)
+            grads, query_value = outer_gradient(model, fts_stream, config.inner, query_loss, trajectory_rng)
             for param, grad in zip(params, grads):
                 param.grad = grad
+            if dist.enabled:
+                distributed.all_reduce_gradients(params, average=True)
+                query_value = distributed.sum_across_ranks(query_value)[0] / dist.world_size
+            query_losses.append(query_value)
             nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], config.clip)
             fts.step()
             fts.zero_grad(set_to_none=True)
         model.train()
         for _ in range(config.ntr_steps):
             images, labels = ntr_stream.next()
-            loss = original_loss(model, images, labels)
+            share = slice(dist.rank, None, dist.world_size)  # the whole batch in a single process
             ntr.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(labels[share]):
+                (original_loss(model, images[share], labels[share]) * (len(labels[share]) / len(labels))).backward()
+            if dist.enabled:
+                distributed.all_reduce_gradients(params)
             ntr.step()
+            if dist.enabled:
+                distributed.average_buffers(model)
         loops_done = loop + 1
         if loops_done % config.eval_every and loops_done != config.loops:
             continue

@@ -184,3 +184,16 @@ def test_burst_of_200_events_loses_none_and_scans_each_version_once(demo, mlflow
             assert tags["harden.scan.run_id"] == runs[0].info.run_id and tags["harden.scan.verdict"] == "inconclusive"
     finally:
         client.delete_webhook(webhook.webhook_id)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--purify-set", "epochz=3"], "unknown setting(s) epochz"),
+    (["--purify-method", "nft", "--purify-set", "steps=many"], "expected int"),
+    (["--purify-set", "inversion.max_stepz=9"], "unknown inversion setting(s) max_stepz"),
+])
+def test_serve_refuses_bad_purify_settings_before_listening(run_cli, tmp_path, monkeypatch, args, message):
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    code, _, err = run_cli("hook", "serve", "--port", "0", "--secret-env", SECRET_ENV, "--queue", tmp_path / "q.db",
+                           "--data", "clean.npz", "--on-backdoor", "purify", *args)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "q.db").exists()

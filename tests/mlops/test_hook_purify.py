@@ -11,7 +11,9 @@ from tests.mlops.conftest import SECRET, register_copy, wait_for
 
 def test_on_backdoor_purify_registers_a_purified_version(demo, mlflow_server, start_hook, tmp_path):
     client = mlflow_server.client()
-    hook = start_hook(tmp_path / "queue.db", "--data", str(demo.data_dir / "clean.npz"), "--on-backdoor", "purify")
+    hook = start_hook(tmp_path / "queue.db", "--data", str(demo.data_dir / "clean.npz"), "--on-backdoor", "purify",
+                      "--purify-set", "epochs=6",
+                      "--purify-set", "inversion.max_steps=60", "--purify-set", "inversion.probe_per_class=6")
     webhook = client.create_webhook("harden-purify", hook.url, ["model_version.created"], secret=SECRET)
     try:
         time.sleep(1.2)
@@ -26,6 +28,7 @@ def test_on_backdoor_purify_registers_a_purified_version(demo, mlflow_server, st
         new = client.get_model_version("hook-purify", new_uri.rsplit("/", 1)[1]).tags
         assert new["harden.purified_from"] == f"models:/hook-purify/{mv.version}"
         assert {"harden.purify.acc_before", "harden.purify.acc_after"} <= set(new)
+        assert new["harden.method"] == "trigger-unlearn"
         with sqlite3.connect(hook.queue_path) as conn:
             outcomes = dict(conn.execute("SELECT outcome, COUNT(*) FROM deliveries GROUP BY outcome").fetchall())
         assert outcomes == {"queued": 1, "ignored: a version harden registered": 1}

@@ -24,12 +24,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harden import __version__
 from harden.integrations.mlflow.queue import DONE, FAILED, PENDING, Job, JobQueue, worker_id
+from harden.purify import DEFAULT_METHOD
 
 log = logging.getLogger("harden.hook")
 
@@ -44,7 +45,8 @@ class HookSettings:
     data: str | None = None  # the defender's clean data (scan --data, purify --data)
     checks: str | None = None  # scan --checks (default: all that apply)
     on_backdoor: str = "tag"  # tag | purify
-    purify_method: str = "nft"
+    purify_method: str = DEFAULT_METHOD
+    purify_settings: dict[str, str] = field(default_factory=dict)  # purify --set KEY=VALUE
     purify_register_as: str | None = None  # default: the flagged version's own registered model
     block_alias: str | None = None
     tracking_uri: str | None = None
@@ -147,7 +149,9 @@ class Worker:
             raise JobFailed("--on-backdoor purify needs --data")
         name = self.settings.purify_register_as or job.name
         report = self._harden(job, ["purify", job.model_uri, "--data", self.settings.data, "--method", self.settings.purify_method,
-                                    "--register-as", name, "--format", "json"], stop, ok_codes=(0, 1), report_flag="--report")
+                                    "--register-as", name, "--format", "json",
+                                    *(arg for key, value in self.settings.purify_settings.items() for arg in ("--set", f"{key}={value}"))],
+                            stop, ok_codes=(0, 1), report_flag="--report")
         uri = report.get("output_model_uri")
         if uri:
             self._client().set_model_version_tag(job.name, job.version, "harden.hook.purified_as", str(uri))
