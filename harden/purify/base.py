@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import torch
@@ -15,6 +15,7 @@ from harden.evaluation import evaluate
 from harden.models.loader import LoadedModel
 from harden.models.wrappers import PixelModel
 from harden.purify.triggers import Stamp
+from harden.scan.inversion import InversionConfig
 
 
 # freeze: BatchNorm keeps the statistics the model was trained with (a few hundred clean images,
@@ -60,12 +61,8 @@ def resolve_settings(method: "Method", overrides: dict[str, Any]) -> dict[str, A
 INVERSION_PREFIX = "inversion."
 
 
-def inversion_config(overrides: dict[str, Any]) -> "InversionConfig":
+def inversion_config(overrides: dict[str, Any]) -> InversionConfig:
     """The trigger reversal's settings (`--set inversion.max_steps=100`), coerced like a method's."""
-    from dataclasses import fields
-
-    from harden.scan.inversion import InversionConfig
-
     defaults = {f.name: f.default for f in fields(InversionConfig)}
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
