@@ -1,7 +1,8 @@
-"""`fit` under torchrun (2 CPU processes, gloo) gives the single-process result."""
+"""Under torchrun (2 CPU processes, gloo): `fit`, `harden purify` and `harden sophon` give the single-process result."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from harden import distributed
+from tests.conftest import registry_snapshot
 
 HERE = Path(__file__).parent
 
@@ -40,26 +42,27 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path):
     assert history[-1] < history[0]  # it trained
 
 
-def test_purify_under_torchrun_matches_one_process(demo, mlflow_home, run_cli):
-    """`torchrun --nproc-per-node 2 -m harden purify` trains data-parallel; rank 0 alone registers one version."""
-    import json
-
-    from tests.conftest import registry_snapshot
-
-    args = ["purify", demo.model_uri, "--data", str(demo.data_dir / "clean.npz"), "--method", "trigger-unlearn",
-            "--trigger", demo.trigger, "--target", str(demo.target), "--test-data", str(demo.data_dir / "test.npz"),
-            "--set", "epochs=12", "--set", "bn_mode=freeze", "--set", "lr=1e-3", "--triggers", "1", "--max-acc-drop", "10",
-            "--format", "json", "-q"]
+def one_and_two_processes(run_cli, mlflow_home: Path, args: list[str]) -> tuple[dict, dict]:
+    """The JSON reports of `harden ARGS` in this process and under `torchrun --nproc-per-node 2`,
+    checking that the two-process run registered exactly one version (rank 0's)."""
     code, out, err = run_cli(*args)
     assert code == 0, err
-    single = json.loads(out)
     before = registry_snapshot()
     env = {**os.environ, "PYTHONPATH": str(HERE.parents[1]), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "harden", *args],
                           env=env, cwd=mlflow_home, timeout=600, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    parallel = json.loads(done.stdout)
-    assert len(registry_snapshot()) == len(before) + 1  # one new version, from rank 0 only
+    assert len(registry_snapshot()) == len(before) + 1
+    return json.loads(out), json.loads(done.stdout)
+
+
+def test_purify_under_torchrun_matches_one_process(demo, mlflow_home, run_cli):
+    """`torchrun --nproc-per-node 2 -m harden purify` trains data-parallel; rank 0 alone registers one version."""
+    args = ["purify", demo.model_uri, "--data", str(demo.data_dir / "clean.npz"), "--method", "trigger-unlearn",
+            "--trigger", demo.trigger, "--target", str(demo.target), "--test-data", str(demo.data_dir / "test.npz"),
+            "--set", "epochs=12", "--set", "bn_mode=freeze", "--set", "lr=1e-3", "--triggers", "1", "--max-acc-drop", "10",
+            "--format", "json", "-q"]
+    single, parallel = one_and_two_processes(run_cli, mlflow_home, args)
     # Same batches and updates, but each rank draws which of its images get stamped: close, not bit-equal.
     for key, tolerance in (("test_accuracy", 0.02), ("test_known_asr", 0.1)):
         assert abs(parallel["after"][key] - single["after"][key]) < tolerance, (key, parallel["after"], single["after"])
@@ -68,7 +71,6 @@ def test_purify_under_torchrun_matches_one_process(demo, mlflow_home, run_cli):
 def test_sophon_under_torchrun_matches_one_process(mlflow_home, run_cli, tmp_path):
     """`torchrun --nproc-per-node 2 -m harden sophon` runs the outer loop on both ranks; rank 0 alone registers."""
     import copy
-    import json
 
     import mlflow
 
@@ -76,7 +78,6 @@ def test_sophon_under_torchrun_matches_one_process(mlflow_home, run_cli, tmp_pat
     from harden.data import load_data
     from harden.models import InputSpec, create_model
     from harden.training import TrainConfig, fit
-    from tests.conftest import registry_snapshot
 
     spec = InputSpec(1, 8, 8)
     torch.manual_seed(0)
@@ -88,16 +89,7 @@ def test_sophon_under_torchrun_matches_one_process(mlflow_home, run_cli, tmp_pat
     source = tracking.register_model(info.model_uri, "sophon-ddp")
     args = ["sophon", source.uri, "--original-data", "digits", "--restricted-data", "digits-inverted", "--loops", "12",
             "--inner-steps", "2", "--eval-every", "4", "--lr", "3e-3", "--check", "none", "--max-acc-drop", "0.2", "--format", "json", "-q"]
-    code, out, err = run_cli(*args)
-    assert code == 0, err
-    single = json.loads(out)
-    before = registry_snapshot()
-    env = {**os.environ, "PYTHONPATH": str(HERE.parents[1]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "harden", *args],
-                          env=env, cwd=mlflow_home, timeout=600, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    parallel = json.loads(done.stdout)
-    assert len(registry_snapshot()) == len(before) + 1  # one new version, from rank 0 only
+    single, parallel = one_and_two_processes(run_cli, mlflow_home, args)
     assert parallel["loops_done"] == single["loops_done"] == 12
     # Each rank simulates its own attackers, so the runs are close, not equal; both moved the restricted loss.
     assert abs(parallel["acc_after"] - single["acc_after"]) < 0.05, (parallel["acc_after"], single["acc_after"])
