@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -124,6 +125,8 @@ def test_cli_purifies_registers_and_aliases_the_demo(demo, run_cli, tmp_path):
     # it loads through pyfunc with its signature, and the local copy is the same model
     predictions = mlflow.pyfunc.load_model(report["output_model_uri"]).predict(np.zeros((3, 3, 32, 32), np.float32))
     assert np.asarray(predictions).shape == (3, 10)
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(report["output_model_uri"])).read_text().split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements and any(r.startswith("mlflow==") for r in requirements)
     registered, local = load_model(report["output_model_uri"]), load_model(out_dir)
     assert registered.format == local.format == "pt2" and registered.arch == "small_cnn"
     x = torch.rand(4, 3, 32, 32)
