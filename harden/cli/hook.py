@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from harden.cli.options import CommandContext, common_options, reject, report_options
+from harden.cli.purify import setting_pairs
 from harden.integrations.mlflow import EVENTS, HookSettings, register_webhook, serve
 from harden.integrations.mlflow.worker import ON_BACKDOOR
-from harden.cli.purify import setting_pairs
 from harden.purify import DEFAULT_METHOD, METHODS
 from harden.purify.base import split_settings
 from harden.report import Report, Table, emit

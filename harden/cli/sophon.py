@@ -174,7 +174,6 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
     # Under `torchrun` every rank runs the outer loop data-parallel; rank 0 alone logs, checks and registers.
     main = distributed.is_main_process()
     with tracking.command_run("sophon", source_uri, params) if main else contextlib.nullcontext() as run:
-        source_net = loaded.trainable()
         with distributed.launched(ctx.device) as dist, measure(dist.device) as cost:
             result = harden_model(loaded.trainable(), original_train, original_test, restricted_train,
                                   loss=loss, config=outer, device=dist.device, on_check=_log_check if main else None)
@@ -184,7 +183,7 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
         attack = None
         if check != "none":
             train, test = attacker_split(restricted_test, test_fraction=0.5, train_per_class=check_train_per_class, seed=ctx.seed)
-            attack = finetune_test(result.model, train, test, budget=check, baseline=source_net, device=ctx.device, seed=ctx.seed)
+            attack = finetune_test(result.model, train, test, budget=check, baseline=loaded.trainable(), device=ctx.device, seed=ctx.seed)
         metrics = {"acc_before": result.acc_before, "acc_after": result.acc_after, "duration_s": cost.duration_s,
                    "peak_memory_mb": cost.peak_memory_mb, "loops_done": result.outer.loops_done, "rollbacks": result.outer.rollbacks}
         if attack is not None:

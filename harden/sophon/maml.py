@@ -213,9 +213,10 @@ def train_outer(
     if dist.enabled:
         distributed.broadcast_parameters(model)
     guard_set = in_memory(original_eval, config.eval_size, config.seed)
-    fts_stream = BatchStream(simulated, config.inner.batch_size, config.seed + 7919 * dist.rank, device)
+    rank_seed = config.seed + 7919 * dist.rank  # each rank simulates different attackers
+    fts_stream = BatchStream(simulated, config.inner.batch_size, rank_seed, device)
     ntr_stream = BatchStream(original, config.batch_size, config.seed + 1, device)
-    trajectory_rng = torch.Generator().manual_seed(config.seed + 7919 * dist.rank)
+    trajectory_rng = torch.Generator().manual_seed(rank_seed)
     params = list(model.parameters())
     fts = make_optimizer(config.optimizer, params, config.alpha * config.lr)
     ntr = make_optimizer(config.optimizer, params, config.beta * config.lr)
