@@ -18,7 +18,6 @@ import argparse
 import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="nft,trigger-unlearn")
     parser.add_argument("--attacks", default="badnets,blend,sig")
-    parser.add_argument("--archs", default="small_cnn,resnet8_narrow")
+    parser.add_argument("--archs", default="small_cnn,resnet8_narrow", help="zoo architectures; resnet18_cifar models are built on first use")
     parser.add_argument("--seeds", default="0", help="zoo seeds (model variants) per attack")
     parser.add_argument("--clean-fraction", type=float, default=0.05, help="defender's clean set, as a fraction of the dataset")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="METHOD.KEY=VALUE")
@@ -108,8 +107,8 @@ def main() -> None:
     args = parser.parse_args()
     progress.set_enabled(False)
     options = _settings(args.settings)
-    zoo = [e for e in load_zoo() if e.backdoored and e.arch in args.archs.split(",") and str(e.seed) in args.seeds.split(",")
-           and any(e.attack.startswith(ATTACKS[a]) for a in args.attacks.split(","))]
+    zoo = load_zoo(lambda e: e.backdoored and e.arch in args.archs.split(",") and str(e.seed) in args.seeds.split(",")
+                   and any(e.attack.startswith(ATTACKS[a]) for a in args.attacks.split(",")))
     train, defender, test = zoo_data()
     share = args.clean_fraction * (len(train) + len(defender) + len(test)) / len(defender)  # of the defender's 15% split
     clean = split(defender, [share, 1 - share], seed=0)[0]

@@ -2,7 +2,8 @@
 
 Two architectures (small_cnn, resnet8_narrow), digits rendered 3×32×32, triggers from
 harden.attacks (patch, blend, SIG, warp) toward varying targets, several
-seeds. Models are cached as safetensors under benchmarks/.zoo/ (git-ignored), so the
+seeds. ResNet-18 (resnet18_cifar) models are planned the same way but built only when a
+benchmark selects them (`benchmarks/purify.py --archs resnet18_cifar`). Models are cached as safetensors under benchmarks/.zoo/ (git-ignored), so the
 scan and purify benchmarks re-use them. A "backdoored" model must reach ASR ≥ 0.8 on
 held-out data; attacks that fail to implant are recorded as such and left out.
 
@@ -13,10 +14,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 
 from harden.attacks import Attack, PoisonedDataset
 from harden.data import LabelledDataset, load_data, split
@@ -30,6 +31,7 @@ from harden.training import TrainConfig, fit
 ZOO_DIR = Path(__file__).parent / ".zoo"
 SPEC = InputSpec(3, 32, 32)
 ARCHS = ("small_cnn", "resnet8_narrow")
+LARGE_ARCHS = ("resnet18_cifar",)  # planned too, but built only when a benchmark asks for them (minutes per model on CPU)
 ATTACKS = ("grid_paste", "blend", "sig", "wanet:k=4,s=1.0")
 CLEAN_SEEDS = 6  # per architecture: the clean side of the calibration needs its own spread, not just 4 draws
 
@@ -61,7 +63,7 @@ def zoo_data(seed: int = 0) -> tuple[LabelledDataset, LabelledDataset, LabelledD
 
 def zoo_plan() -> list[ZooModel]:
     plan = []
-    for arch in ARCHS:
+    for arch in ARCHS + LARGE_ARCHS:
         for seed in range(CLEAN_SEEDS):
             plan.append(ZooModel(f"{arch}-clean-s{seed}", arch, None, None, seed, "fit" if seed % 4 < 2 else "holdout"))
         for i, attack in enumerate(ATTACKS):
@@ -88,13 +90,13 @@ def build(entry: ZooModel, train, test, epochs: int = 8) -> ZooModel:
     return entry
 
 
-def load_zoo() -> list[ZooModel]:
-    """Build missing models; return the usable zoo (failed attacks left out)."""
+def load_zoo(select: Callable[[ZooModel], bool] = lambda entry: entry.arch in ARCHS) -> list[ZooModel]:
+    """Build the selected models that are missing; return the usable selection (failed attacks left out)."""
     index = ZOO_DIR / "index.json"
     known = {e["name"]: ZooModel(**e) for e in json.loads(index.read_text())} if index.exists() else {}
     train, _, test = zoo_data()
     entries = []
-    for planned in zoo_plan():
+    for planned in filter(select, zoo_plan()):
         entry = known.get(planned.name)
         if entry is None or not entry.path.exists():
             start = time.perf_counter()

@@ -27,6 +27,7 @@ from harden.models.wrappers import PixelModel
 from harden.publish import publish
 from harden.purify import purify
 from harden.purify.nft import MaskedNetwork, find_mask_sites, lower_bounds
+from harden.purify.triggers import AdditiveTrigger, ReversedTrigger, refreshed
 
 FAST_INVERSION = {"max_steps": 60, "probe_per_class": 6}
 
@@ -48,6 +49,30 @@ class GateNet(torch.nn.Module):
 def _exported(net: torch.nn.Module) -> torch.nn.Module:
     program = torch.export.export(net.eval(), (torch.rand(2, 3, 32, 32),), dynamic_shapes=({0: torch.export.Dim("batch")},))
     return program.module()
+
+
+def test_refreshed_additive_triggers_get_stronger_within_epsilon_and_leave_the_model_alone():
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10)
+    images, labels = torch.rand(40, 3, 32, 32), torch.arange(40) % 10
+    corner = torch.zeros(1, 32, 32)
+    corner[:, -4:, -4:] = 1.0
+    triggers = [ReversedTrigger(3, corner, torch.rand(3, 32, 32), norm=16.0, asr=0.0), AdditiveTrigger(3, torch.zeros(3, 32, 32), 0.1, 0.0)]
+    sources = images[labels != 3]
+
+    def target_loss(trigger) -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model(trigger(sources)), torch.full((len(sources),), 3)))
+
+    model.train()
+    model.features[1].eval()  # a frozen BatchNorm, as `bn_mode=freeze` leaves it mid-training
+    modes = [layer.training for layer in model.modules()]
+    new = refreshed(triggers, model, images, labels, steps=20, device=torch.device("cpu"))
+    assert [layer.training for layer in model.modules()] == modes
+    assert [type(t) for t in new] == [ReversedTrigger, AdditiveTrigger] and [t.target for t in new] == [3, 3]
+    assert new[0] is triggers[0]  # patches stay where the inversion found them
+    assert target_loss(new[1]) < target_loss(triggers[1]) and float(new[1].delta.abs().max()) <= 0.1 + 1e-6
+    assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("build, kinds", [

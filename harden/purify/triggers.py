@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from harden.data.pipeline import LabelledDataset
 from harden.scan.classifier import probe_set
@@ -69,23 +70,50 @@ Stamp = ReversedTrigger | AdditiveTrigger
 
 
 def additive_trigger(module: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, target: int, *, epsilon: float = 0.1,
-                     steps: int = 100, lr: float = 0.1, device: torch.device = torch.device("cpu"), seed: int = 0) -> AdditiveTrigger:
-    """Optimise one δ (tanh-bounded to ±ε) that sends the probe images of other classes to `target`."""
+                     steps: int = 100, lr: float = 0.1, device: torch.device = torch.device("cpu"), seed: int = 0,
+                     start: torch.Tensor | None = None) -> AdditiveTrigger:
+    """Optimise one δ (tanh-bounded to ±ε) that sends the probe images of other classes to `target`.
+
+    `start` warm-starts from an earlier δ. Only δ gets gradients, so this can run between
+    training steps of `module` without touching its parameters' gradients."""
     sources = images[labels != target].to(device)
-    generator = torch.Generator().manual_seed(seed)
-    raw = (torch.randn(images.shape[1:], generator=generator) * 0.01).to(device).requires_grad_(True)
+    if start is None:
+        raw = torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(seed)) * 0.01
+    else:
+        raw = torch.atanh((start / epsilon).clamp(-0.999, 0.999))
+    raw = raw.to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([raw], lr=lr)
     goal = torch.full((len(sources),), target, device=device)
     for _ in range(steps):
         delta = epsilon * torch.tanh(raw)
-        loss = torch.nn.functional.cross_entropy(module((sources + delta).clamp(0, 1)), goal)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = F.cross_entropy(module((sources + delta).clamp(0, 1)), goal)
+        (raw.grad,) = torch.autograd.grad(loss, raw)
         optimizer.step()
     delta = (epsilon * torch.tanh(raw)).detach()
     with torch.no_grad():
         asr = float((module((sources + delta).clamp(0, 1)).argmax(1) == target).float().mean())
     return AdditiveTrigger(target, delta.cpu(), epsilon, asr)
+
+
+def refreshed(triggers: list[Stamp], module: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int,
+              device: torch.device, seed: int = 0) -> list[Stamp]:
+    """The additive triggers re-optimised against the model as it is now (warm-started, same
+    target and ε); mask/pattern triggers are kept as they are.
+
+    Unlearning one fixed δ teaches the model to ignore that δ, and a full-image backdoor
+    with a stronger signal (SIG's ±40/255 sinusoid against ε = 0.1) can survive it.
+    Re-finding the easiest δ toward the same target every few steps, as adversarial
+    unlearning does, chases what is left of the shortcut. Patches are not re-optimised:
+    measured on the zoo, a moving patch drifts onto ordinary adversarial patches and left
+    more of a BadNets backdoor behind. Only the triggers get gradients, and every layer's
+    train/eval mode is as it was afterwards (this runs between training steps)."""
+    modes = {layer: layer.training for layer in module.modules()}
+    module.eval()
+    out = [additive_trigger(module, images, labels, t.target, epsilon=t.epsilon, steps=steps, device=device, seed=seed, start=t.delta)
+           if isinstance(t, AdditiveTrigger) else t for t in triggers]
+    for layer, training in modes.items():
+        layer.training = training
+    return out
 
 
 def reverse_triggers(module: torch.nn.Module, data: LabelledDataset, num_classes: int, *, count: int,
