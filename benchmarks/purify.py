@@ -127,7 +127,7 @@ def main() -> None:
                              der(b.test_known_asr, a.test_known_asr, b.test_accuracy, a.test_accuracy),
                              "yes" if a.test_known_asr <= 0.03 and b.test_accuracy - a.test_accuracy <= 0.02 else "no",
                              round(result.duration_s, 1), round(result.peak_memory_mb)])
-                print(" ".join(str(c) for c in rows[-1]), flush=True)
+                print(" ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
             if args.reference:
                 model = load_model(entry.path, arch=entry.arch).trainable()
                 with measure() as cost:

@@ -174,7 +174,7 @@ class MaskedNetwork(nn.Module):
     def mask_summary(self) -> list[dict[str, float]]:
         return [{"layer": s.weight, "kind": s.kind, "channels": s.channels, "lower_bound": low,
                  "mean": float(m.mean()), "min": float(m.min()), "below_0.5": int((m < 0.5).sum())}
-                for s, m, low in zip(self.sites, self.masks, self.bounds)]
+                for s, m, low in zip(self.sites, (mask.detach() for mask in self.masks), self.bounds)]
 
 
 @register_method
@@ -194,11 +194,10 @@ class NeuralMaskFineTuning(Method):
         masked = MaskedNetwork(model, sites, lower_bounds(len(sites), params["bounds"]), params["bn_mode"]).to(ctx.device)
         per_class = max(len(ctx.train) / ctx.source.num_classes, 1.0)
         generator = ctx.generator(2)
-        beta = torch.distributions.Beta(1.0, 1.0)
 
         def loss_fn(net, images, labels):
             pool, _ = stamp_fraction(images, ctx.triggers, params["trigger_fraction"], generator)
-            lam = float(beta.sample())
+            lam = float(torch.rand((), generator=generator))  # MixUp's Beta(1, 1) is uniform; the seeded draw keeps runs repeatable
             order = torch.randperm(len(pool), generator=generator).to(pool.device)
             logits = net(lam * pool + (1 - lam) * pool[order])
             loss = lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, labels[order])
