@@ -96,7 +96,7 @@ def additive_trigger(module: torch.nn.Module, images: torch.Tensor, labels: torc
 
 
 def refreshed(triggers: list[Stamp], module: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int,
-              device: torch.device, seed: int = 0) -> list[Stamp]:
+              device: torch.device) -> list[Stamp]:
     """The additive triggers re-optimised against the model as it is now (warm-started, same
     target and ε); mask/pattern triggers are kept as they are.
 
@@ -109,7 +109,7 @@ def refreshed(triggers: list[Stamp], module: torch.nn.Module, images: torch.Tens
     train/eval mode is as it was afterwards (this runs between training steps)."""
     modes = {layer: layer.training for layer in module.modules()}
     module.eval()
-    out = [additive_trigger(module, images, labels, t.target, epsilon=t.epsilon, steps=steps, device=device, seed=seed, start=t.delta)
+    out = [additive_trigger(module, images, labels, t.target, epsilon=t.epsilon, steps=steps, device=device, start=t.delta)
            if isinstance(t, AdditiveTrigger) else t for t in triggers]
     for layer, training in modes.items():
         layer.training = training

@@ -46,7 +46,7 @@ class TriggerUnlearn(Method):
             nonlocal step, chased
             step += 1
             if refresh_interval and step % refresh_interval == 0:
-                chased = refreshed(chased, model, probe_images, probe_labels, steps=params["refresh_steps"], device=ctx.device, seed=ctx.seed)
+                chased = refreshed(chased, model, probe_images, probe_labels, steps=params["refresh_steps"], device=ctx.device)
 
         def classifier_loss(net, images, labels):
             stamped, rows = stamp_fraction(images, chased, params["trigger_fraction"], generator)
