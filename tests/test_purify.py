@@ -75,22 +75,27 @@ def test_refreshed_additive_triggers_get_stronger_within_epsilon_and_leave_the_m
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("build, kinds", [
-    (lambda: create_model("small_cnn", num_classes=10), {"bn"}),
-    (lambda: _exported(CustomNet()), {"bn"}),
-    (lambda: GateNet(), {"conv", "linear"}),
+@pytest.mark.parametrize("build, placement, kinds, granularity", [
+    (lambda: create_model("small_cnn", num_classes=10), "auto", {"bn"}, "channel"),
+    (lambda: _exported(CustomNet()), "auto", {"bn"}, "channel"),
+    (lambda: GateNet(), "auto", {"conv", "linear"}, "channel"),
+    (lambda: create_model("small_cnn", num_classes=10), "bn+conv", {"bn", "conv"}, "weight"),
+    (lambda: GateNet(), "auto", {"conv", "linear"}, "weight"),
 ])
-def test_masks_fold_into_plain_weights_with_identical_outputs(build, kinds):
+def test_masks_fold_into_plain_weights_with_identical_outputs(build, placement, kinds, granularity):
     torch.manual_seed(0)
     net = build()
     model = PixelModel(net).eval()
     names_before = sorted(name for name, _ in net.named_parameters())
     x = torch.rand(6, 3, 32, 32)
-    sites = find_mask_sites(model, x[:1])
+    sites = find_mask_sites(model, x[:1], placement)
     assert {s.kind for s in sites} == kinds
     head = [name for name, p in net.named_parameters() if p.ndim == 2][-1]
     assert head not in {s.weight for s in sites}, "the classifier head is never masked"
-    masked = MaskedNetwork(model, sites, lower_bounds(len(sites), "none")).eval()
+    masked = MaskedNetwork(model, sites, lower_bounds(len(sites), "none"), granularity=granularity).eval()
+    weights = dict(net.named_parameters())
+    expected_shapes = [weights[s.weight].shape if granularity == "weight" and s.kind != "bn" else (s.channels,) for s in sites]
+    assert [m.shape for m in masked.masks] == expected_shapes
     with torch.no_grad():
         for mask in masked.masks:
             mask.uniform_(0.1, 1.0)
@@ -100,6 +105,13 @@ def test_masks_fold_into_plain_weights_with_identical_outputs(build, kinds):
     assert sorted(name for name, _ in folded.net.named_parameters()) == names_before  # no extra parameters
     with torch.no_grad():
         assert torch.allclose(folded(x), expected, atol=1e-5)
+
+
+def test_unknown_mask_granularity_is_refused():
+    model = PixelModel(GateNet()).eval()
+    sites = find_mask_sites(model, torch.rand(1, 3, 32, 32))
+    with pytest.raises(HardenError, match="granularity"):
+        MaskedNetwork(model, sites, lower_bounds(len(sites), "none"), granularity="kernel")
 
 
 def test_lower_bounds_reference_and_depth_rules():
@@ -178,7 +190,9 @@ def test_nft_lowers_reversed_trigger_success_and_keeps_the_architecture(demo):
     assert result.before.reversed_asr > 0.8 and result.after.reversed_asr < result.before.reversed_asr - 0.3
     assert set(result.model.net.state_dict()) == set(result.source.trainable().net.state_dict())
     masks = result.params["masks"]
-    assert len(masks) == 4 and all(m["kind"] == "bn" for m in masks)
+    weights = dict(result.model.net.named_parameters())
+    assert {m["kind"] for m in masks} == {"bn", "conv"} and sum(m["kind"] == "bn" for m in masks) == 4
+    assert all(m["masks"] == (weights[m["layer"]].numel() if m["kind"] == "conv" else m["channels"]) for m in masks)
 
 
 def test_unlearn_relearn_uses_the_separation_and_removes_the_backdoor(demo, demo_train_npz, tmp_path):

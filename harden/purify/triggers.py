@@ -116,6 +116,25 @@ def refreshed(triggers: list[Stamp], module: torch.nn.Module, images: torch.Tens
     return out
 
 
+class TriggerChaser:
+    """The reversed triggers as re-optimised against a model in training (see `refreshed`).
+
+    Call `step()` after every optimiser step on every rank: every `interval` steps it
+    re-optimises the additive triggers against `module`. The refresh is deterministic
+    given the weights, so all torchrun ranks stamp the same triggers."""
+
+    def __init__(self, triggers: list[Stamp], module: torch.nn.Module, probe: tuple[torch.Tensor, torch.Tensor], *,
+                 interval: int, steps: int, device: torch.device):
+        self.triggers = list(triggers)
+        self.module, self.probe, self.interval, self.steps, self.device = module, probe, interval, steps, device
+        self.count = 0
+
+    def step(self) -> None:
+        self.count += 1
+        if self.interval and self.count % self.interval == 0:
+            self.triggers = refreshed(self.triggers, self.module, *self.probe, steps=self.steps, device=self.device)
+
+
 def reverse_triggers(module: torch.nn.Module, data: LabelledDataset, num_classes: int, *, count: int,
                      config: InversionConfig | None = None, additive_epsilon: float = 0.1,
                      device: torch.device = torch.device("cpu"), seed: int = 0) -> list[Stamp]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from harden.data import make_loader
 from harden.purify.base import BestCheckpoint, Method, MethodOutput, PurifyContext, distillation, frozen_teacher, register_method
 from harden.purify.encoder import receive_unlearning_loss
-from harden.purify.triggers import refreshed, stamp_fraction
+from harden.purify.triggers import TriggerChaser, stamp_fraction
 from harden.scan.classifier import probe_set
 from harden.training import TrainConfig, fit
 
@@ -36,20 +36,12 @@ class TriggerUnlearn(Method):
         model = ctx.source.trainable().to(ctx.device)
         teacher = frozen_teacher(ctx)
         generator = ctx.generator(1)
-        chased = list(ctx.triggers)  # the reversed triggers as re-optimised against the model so far
-        probe_images, probe_labels = probe_set(ctx.train, 4, ctx.seed)
-        refresh_interval = params["refresh_epochs"] * len(make_loader(ctx.train, params["batch_size"]))  # in optimiser steps
-        step = 0
-
-        def refresh() -> None:
-            """After every step on every rank (so all ranks stamp the same triggers): re-optimise when due."""
-            nonlocal step, chased
-            step += 1
-            if refresh_interval and step % refresh_interval == 0:
-                chased = refreshed(chased, model, probe_images, probe_labels, steps=params["refresh_steps"], device=ctx.device)
+        interval = params["refresh_epochs"] * len(make_loader(ctx.train, params["batch_size"]))  # in optimiser steps
+        chaser = TriggerChaser(ctx.triggers, model, probe_set(ctx.train, 4, ctx.seed), interval=interval,
+                               steps=params["refresh_steps"], device=ctx.device)
 
         def classifier_loss(net, images, labels):
-            stamped, rows = stamp_fraction(images, chased, params["trigger_fraction"], generator)
+            stamped, rows = stamp_fraction(images, chaser.triggers, params["trigger_fraction"], generator)
             logits = net(stamped)
             loss = F.cross_entropy(logits, labels)
             clean = ~rows
@@ -64,6 +56,6 @@ class TriggerUnlearn(Method):
         config = TrainConfig(epochs=params["epochs"], lr=params["lr"], batch_size=params["batch_size"],
                              optimizer=params["optimizer"], seed=ctx.seed, freeze_norm_stats=params["bn_mode"] == "freeze")
         fit(model, ctx.train, config, loss_fn=loss_fn, device=ctx.device, on_epoch_end=checkpoint.update,
-            after_step=refresh if ctx.task == "classifier" else None, description="unlearning reversed trigger")
+            after_step=chaser.step if ctx.task == "classifier" else None, description="unlearning reversed trigger")
         checkpoint.restore()
         return MethodOutput(model, {**params, "triggers": [t.to_dict() for t in ctx.triggers]}, checkpoint.history)
