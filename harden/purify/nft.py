@@ -47,7 +47,6 @@ from harden.errors import HardenError
 from harden.models.wrappers import PixelModel
 from harden.purify.base import BestCheckpoint, Method, MethodOutput, PurifyContext, register_method
 from harden.purify.triggers import TriggerChaser, stamp_fraction
-from harden.scan.classifier import probe_set
 from harden.training import TrainConfig, fit
 
 _ATEN = torch.ops.aten
@@ -163,8 +162,9 @@ class MaskedNetwork(nn.Module):
         out = {}
         for site, mask in zip(self.sites, self.masks):
             weight = params[site.weight]
-            out[site.weight] = weight * (mask if mask.shape == weight.shape else mask.view(-1, *([1] * (weight.ndim - 1))))
-            if site.kind != "bn" and site.bias is not None and mask.ndim == 1:
+            per_channel = mask.ndim < weight.ndim  # else one mask per weight (BatchNorm γ is both)
+            out[site.weight] = weight * (mask.view(-1, *([1] * (weight.ndim - 1))) if per_channel else mask)
+            if site.kind != "bn" and site.bias is not None and per_channel:
                 out[site.bias] = params[site.bias] * mask  # β stays unmasked for BatchNorm, as published
         return out
 
@@ -211,8 +211,7 @@ class NeuralMaskFineTuning(Method):
         masked = MaskedNetwork(model, sites, lower_bounds(len(sites), params["bounds"]), params["bn_mode"], params["granularity"]).to(ctx.device)
         per_class = max(len(ctx.train) / ctx.source.num_classes, 1.0)
         generator = ctx.generator(2)
-
-        chaser = TriggerChaser(ctx.triggers, masked, probe_set(ctx.train, 4, ctx.seed), interval=params["refresh_every"],
+        chaser = TriggerChaser(ctx.triggers, masked, ctx.train, seed=ctx.seed, interval=params["refresh_every"],
                                steps=params["refresh_steps"], device=ctx.device)
 
         def after_step() -> None:

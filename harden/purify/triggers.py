@@ -120,13 +120,17 @@ class TriggerChaser:
     """The reversed triggers as re-optimised against a model in training (see `refreshed`).
 
     Call `step()` after every optimiser step on every rank: every `interval` steps it
-    re-optimises the additive triggers against `module`. The refresh is deterministic
-    given the weights, so all torchrun ranks stamp the same triggers."""
+    re-optimises the additive triggers against `module` on a small stratified probe of
+    `data`. The refresh is deterministic given the weights, so all torchrun ranks stamp
+    the same triggers."""
 
-    def __init__(self, triggers: list[Stamp], module: torch.nn.Module, probe: tuple[torch.Tensor, torch.Tensor], *,
+    PROBE_PER_CLASS = 4
+
+    def __init__(self, triggers: list[Stamp], module: torch.nn.Module, data: LabelledDataset, *, seed: int,
                  interval: int, steps: int, device: torch.device):
         self.triggers = list(triggers)
-        self.module, self.probe, self.interval, self.steps, self.device = module, probe, interval, steps, device
+        self.module, self.interval, self.steps, self.device = module, interval, steps, device
+        self.probe = probe_set(data, self.PROBE_PER_CLASS, seed)
         self.count = 0
 
     def step(self) -> None:

@@ -19,7 +19,6 @@ from harden.data import make_loader
 from harden.purify.base import BestCheckpoint, Method, MethodOutput, PurifyContext, distillation, frozen_teacher, register_method
 from harden.purify.encoder import receive_unlearning_loss
 from harden.purify.triggers import TriggerChaser, stamp_fraction
-from harden.scan.classifier import probe_set
 from harden.training import TrainConfig, fit
 
 
@@ -37,7 +36,7 @@ class TriggerUnlearn(Method):
         teacher = frozen_teacher(ctx)
         generator = ctx.generator(1)
         interval = params["refresh_epochs"] * len(make_loader(ctx.train, params["batch_size"]))  # in optimiser steps
-        chaser = TriggerChaser(ctx.triggers, model, probe_set(ctx.train, 4, ctx.seed), interval=interval,
+        chaser = TriggerChaser(ctx.triggers, model, ctx.train, seed=ctx.seed, interval=interval,
                                steps=params["refresh_steps"], device=ctx.device)
 
         def classifier_loss(net, images, labels):
