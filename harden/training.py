@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from harden import distributed
 from harden.data.pipeline import make_loader
 from harden.progress import track
+from harden.runtime import training_layout
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 EpochHook = Callable[[int, float], None]
@@ -107,7 +108,7 @@ def fit(
         for images, labels, global_size in batches:
             optimizer.zero_grad(set_to_none=True)
             if labels is not None:
-                images, labels = images.to(device), labels.to(device)
+                images, labels = training_layout(model, images.to(device)), labels.to(device)
                 loss = loss_fn(model, images, labels)
                 # Each rank's mean loss weighted by its share: the summed gradient is the global mean's.
                 (loss * (len(labels) / global_size) if dist.enabled else loss).backward()

@@ -205,3 +205,36 @@ def test_evaluate_library_api_on_loaded_model(demo):
     assert result.asr == pytest.approx(demo.clean.asr)
     tiny = TensorDataset(torch.zeros(3, 3, 32, 32), [0, 1, 2])
     assert evaluate(loaded, tiny).n == 3
+
+
+class _ViewNet(torch.nn.Module):
+    """Common user code that only works on contiguous activations: `.view` after a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.norm(self.conv(x))).view(x.shape[0], -1))
+
+
+def test_training_layout_is_channels_last_only_where_the_model_takes_it():
+    from harden.runtime import training_layout
+    from harden.training import TrainConfig, fit
+
+    images = torch.rand(6, 3, 8, 8)
+    view_net = _ViewNet()
+    with pytest.raises(RuntimeError):  # what an unconditional channels-last batch would do
+        view_net(images.contiguous(memory_format=torch.channels_last))
+    tracked = int(view_net.norm.num_batches_tracked)
+    assert training_layout(view_net, images).is_contiguous()
+    assert view_net.training and int(view_net.norm.num_batches_tracked) == tracked  # probed in eval mode, mode restored
+    history = fit(view_net, TensorDataset(images, [0, 1, 2, 0, 1, 2]), TrainConfig(epochs=2, batch_size=3))
+    assert len(history) == 2 and all(np.isfinite(history))
+
+    cnn = create_model("small_cnn", num_classes=3, in_channels=3)
+    assert training_layout(cnn, images).is_contiguous(memory_format=torch.channels_last)
+    flat = torch.rand(6, 64)
+    assert training_layout(cnn, flat) is flat  # not an image batch: unchanged

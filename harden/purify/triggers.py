@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from harden.data.pipeline import LabelledDataset
 from harden.scan.classifier import probe_set
+from harden.runtime import training_layout
 from harden.scan.inversion import InversionConfig, invert_triggers
 
 
@@ -86,7 +87,7 @@ def additive_trigger(module: torch.nn.Module, images: torch.Tensor, labels: torc
     goal = torch.full((len(sources),), target, device=device)
     for _ in range(steps):
         delta = epsilon * torch.tanh(raw)
-        loss = F.cross_entropy(module((sources + delta).clamp(0, 1)), goal)
+        loss = F.cross_entropy(module(training_layout(module, (sources + delta).clamp(0, 1))), goal)
         (raw.grad,) = torch.autograd.grad(loss, raw)
         optimizer.step()
     delta = (epsilon * torch.tanh(raw)).detach()

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harden.runtime import training_layout
+
 _EPS = 1e-7
 _TANH_SCALE = 2 - _EPS
 
@@ -213,7 +215,7 @@ def invert_triggers(
             masks = torch.stack([s.mask() for s in group])
             patterns = torch.stack([s.pattern() for s in group])
             stamped = _stamp(opt_x[batch], masks, patterns)
-            logits = model(stamped.flatten(0, 1)).view(len(group), config.batch_size, -1)
+            logits = model(training_layout(model, stamped.flatten(0, 1))).view(len(group), config.batch_size, -1)
             targets = torch.tensor([s.target for s in group], device=device)
             ce = F.cross_entropy(logits.flatten(0, 1), targets.repeat_interleave(config.batch_size), reduction="none")
             ce = ce.view(len(group), -1).mean(1)

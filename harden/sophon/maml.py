@@ -36,6 +36,7 @@ from harden.data.pipeline import LabelledDataset, TensorDataset, make_loader
 from harden.sophon.data import in_memory
 from harden.errors import HardenError
 from harden.evaluation import evaluate
+from harden.runtime import training_layout
 from harden.sophon.heads import find_head
 from harden.sophon.strategies import get_strategies
 from harden.training import cross_entropy, make_optimizer
@@ -116,6 +117,7 @@ def outer_gradient(model: nn.Module, stream: BatchStream, inner: InnerLoop, quer
         optimizer = make_optimizer(name, moving, lr)
         for step in range(inner.steps):
             images, labels = stream.next()
+            images = training_layout(model, images)
             n_query = max(1, int(round(len(labels) * inner.query_fraction)))
             clone.zero_grad(set_to_none=True)
             F.cross_entropy(clone(images[n_query:]), labels[n_query:]).backward()
@@ -240,6 +242,7 @@ def train_outer(
         model.train()
         for _ in range(config.ntr_steps):
             images, labels = ntr_stream.next()
+            images = training_layout(model, images)
             share = slice(dist.rank, None, dist.world_size)  # the whole batch in a single process
             ntr.zero_grad(set_to_none=True)
             if len(labels[share]):
