@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from harden.data.pipeline import LabelledDataset
-from harden.scan.classifier import probe_set
 from harden.runtime import training_layout
+from harden.scan.classifier import probe_set
 from harden.scan.inversion import InversionConfig, invert_triggers
 
 
