@@ -34,6 +34,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
     raise HardenError(f"--device {spec!r}: expected auto, cpu or cuda[:N]")
 
 
+_LAYOUTS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.memory_format]" = weakref.WeakKeyDictionary()  # model -> layout it accepts
+
+
 def training_layout(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """`images` in the memory layout that runs `model`'s gradient steps fastest here.
 
@@ -50,9 +53,6 @@ def training_layout(model: torch.nn.Module, images: torch.Tensor) -> torch.Tenso
     if layout is None:
         layout = _LAYOUTS[model] = _layout_model_accepts(model, images)
     return images.contiguous(memory_format=layout)
-
-
-_LAYOUTS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.memory_format]" = weakref.WeakKeyDictionary()
 
 
 def _layout_model_accepts(model: torch.nn.Module, images: torch.Tensor) -> torch.memory_format:

@@ -15,6 +15,8 @@ from harden.data import TensorDataset, load_data
 from harden.errors import ModelLoadError, UnsafeModelError
 from harden.evaluation import evaluate
 from harden.models import InputSpec, PixelModel, create_model, list_archs, load_model
+from harden.runtime import training_layout
+from harden.training import TrainConfig, fit
 from tests.conftest import CustomNet, train_quickly
 
 
@@ -221,9 +223,6 @@ class _ViewNet(torch.nn.Module):
 
 
 def test_training_layout_is_channels_last_only_where_the_model_takes_it():
-    from harden.runtime import training_layout
-    from harden.training import TrainConfig, fit
-
     images = torch.rand(6, 3, 8, 8)
     view_net = _ViewNet()
     with pytest.raises(RuntimeError):  # what an unconditional channels-last batch would do

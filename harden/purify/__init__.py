@@ -129,7 +129,7 @@ class PurifyResult:
                 if getattr(self.before, key) is not None]
         change = f"{0.0 - self.acc_drop:+.1f}".replace("-", "−")  # a gain reads +3.8 (not −-3.8), no change +0.0
         verdict = (f"purified, ACC {change} pt" if self.passed
-                   else f"guardrail tripped: ACC −{self.acc_drop:.1f} pt > {self.max_acc_drop:g} pt, nothing registered")
+                   else f"guardrail tripped: ACC {change} pt > {self.max_acc_drop:g} pt, nothing registered")
         steps = [] if self.passed else ["Lower the learning rate or the trigger fraction, give more clean data, or try another --method."]
         return Report(SCHEMA, f"harden purify {self.source_uri} ({self.method}): {verdict}", self.to_dict(output_model_uri),
                       [Table("Before / after (held-out clean split)", ["metric", "before", "after"], rows),
