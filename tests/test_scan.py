@@ -25,7 +25,7 @@ def demo_scan(demo, run_cli, tmp_path_factory):
     code, _, err = run_cli("scan", "models:/harden-demo@candidate", "--data", demo.data_dir / "clean.npz", "--format", "sarif",
                            "--output", out / "scan.sarif", "--sarif-location", "deploy/model.yaml", "-q")
     version = mlflow.tracking.MlflowClient().get_model_version("harden-demo", demo.version.version)
-    reports = mlflow.artifacts.download_artifacts(run_id=version.tags["harden.scan.run_id"], artifact_path="reports", dst_path=str(out))
+    mlflow.artifacts.download_artifacts(run_id=version.tags["harden.scan.run_id"], artifact_path="reports", dst_path=str(out))
     report = json.loads((out / "reports" / "scan.json").read_text())
     return code, report, err, json.loads((out / "scan.sarif").read_text()), (out / "reports" / "scan.html").read_text()
 
@@ -157,16 +157,29 @@ class PatchBackdoor(torch.nn.Module):
         return logits + torch.nn.functional.one_hot(torch.tensor(2), 4).float() * bump[:, None]
 
 
-def test_inversion_finds_a_planted_one_pixel_trigger():
+def _banded_images() -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     labels = torch.arange(40) % 4
     images = ((labels.float() + 0.5) / 4).view(-1, 1, 1, 1).expand(-1, 3, 8, 8) + 0.02 * torch.randn(40, 3, 8, 8)
     images[:, :, 0, 0] = 0.0
+    return images.clamp(0, 1), labels
+
+
+def test_inversion_finds_a_planted_one_pixel_trigger():
     config = InversionConfig(probe_per_class=10, max_steps=150, warmup_steps=20, keep_fraction=1.0, margin_steps=10)
-    result = invert_triggers(PatchBackdoor(), images.clamp(0, 1), labels, 4, config)
+    result = invert_triggers(PatchBackdoor(), *_banded_images(), 4, config)
     norms = [c.norm for c in result.classes]
     assert int(np.argmin(norms)) == 2 and norms[2] < 0.25 * sorted(norms)[1], norms
     assert result.classes[2].asr >= 0.9
+    assert max(c.margin for c in result.classes) > 0
+
+
+def test_plain_neural_cleanse_baseline_does_fixed_work_without_harden_additions():
+    """The benchmark's baseline: every class the same number of steps, no margins computed."""
+    result = invert_triggers(PatchBackdoor(), *_banded_images(), 4, InversionConfig.plain_neural_cleanse(60))
+    assert result.total_steps == 4 * 60 and all(c.steps == 60 for c in result.classes)
+    assert all(c.margin == 0.0 for c in result.classes)
+    assert int(np.argmin([c.norm for c in result.classes])) == 2
 
 
 def test_sensitivity_separation_is_logged_for_purify(demo, run_cli, tmp_path):

@@ -54,13 +54,16 @@ class InversionConfig:
     keep_fraction: float = 0.3  # classes kept after warm-up; 1.0 disables scheduling
     early_stop: bool = True
     strategy: str = "auto"  # auto | loop | batched
-    margin_starts: int = 6
+    verify_on_pool: bool = True  # a new best trigger must also succeed on the class's whole probe pool
+    margin_starts: int = 6  # MM-BD random starts per class; 0 skips the margins
     margin_steps: int = 30
 
     @classmethod
     def plain_neural_cleanse(cls, steps: int = 300) -> "InversionConfig":
-        """The reference behaviour: every class, a fixed number of steps, no early stop."""
-        return cls(max_steps=steps, keep_fraction=1.0, early_stop=False, warmup_steps=steps, strategy="loop")
+        """The reference behaviour: every class, a fixed number of steps, no early stop, a new best
+        trigger whenever a minibatch succeeds, and none of harden's additions (pool check, margins)."""
+        return cls(max_steps=steps, keep_fraction=1.0, early_stop=False, warmup_steps=steps, strategy="loop",
+                   verify_on_pool=False, margin_starts=0)
 
 
 @dataclass
@@ -126,8 +129,9 @@ class _ClassState:
     def pattern(self) -> torch.Tensor:
         return torch.tanh(self.theta_p) / _TANH_SCALE + 0.5
 
-    def record(self, asr: float, norm: float, config: InversionConfig, verify: "Callable[[torch.Tensor, torch.Tensor], float]") -> None:
-        """Update the cost schedule; keep a new best only if it also succeeds on the whole pool.
+    def record(self, asr: float, norm: float, config: InversionConfig, verify: "Callable[[torch.Tensor, torch.Tensor], float] | None") -> None:
+        """Update the cost schedule; keep a new best only if it also succeeds on the whole pool
+        (`verify`; None trusts the minibatch, as plain Neural Cleanse does).
 
         A minibatch success alone lets the mask shrink onto a few lucky images; checking
         the class's full probe pool keeps the reversed trigger one that generalises."""
@@ -137,7 +141,7 @@ class _ClassState:
             self.ups, self.downs = self.ups + 1, 0
             if norm < self.best_norm:
                 mask, pattern = self.mask().detach().clone(), self.pattern().detach().clone()
-                if verify(mask, pattern) >= config.success_asr:
+                if verify is None or verify(mask, pattern) >= config.success_asr:
                     if norm < self.best_norm * (1 - config.early_stop_tol):
                         self.last_improvement = self.steps
                     self.best_norm, self.best = norm, (mask, pattern)
@@ -227,13 +231,14 @@ def invert_triggers(
             asr = (logits.argmax(-1) == targets[:, None]).float().mean(1)
             for s, a, n in zip(group, asr.tolist(), norms.detach().tolist()):
                 s.optimizer.step()
-                s.record(a, n, config, lambda m, p, t=s.target: _pool_asr(model, opt_x[pools[t]], t, m, p))
+                verify = (lambda m, p, t=s.target: _pool_asr(model, opt_x[pools[t]], t, m, p)) if config.verify_on_pool else None
+                s.record(a, n, config, verify)
             total_steps += len(group)
         step += 1
         if progress is not None:
             progress(step, config.max_steps)
     classes = [_finish(s, model, held_x.to(device), held_y.to(device)) for s in states]
-    margins = max_margins(model, shape, num_classes, config, device=device, seed=seed)
+    margins = max_margins(model, shape, num_classes, config, device=device, seed=seed) if config.margin_starts else [0.0] * num_classes
     for trigger, margin in zip(classes, margins):
         trigger.margin = float(margin)
     norms = np.array([c.norm for c in classes])
@@ -244,7 +249,8 @@ def invert_triggers(
 
 @torch.no_grad()
 def _pool_asr(model: nn.Module, images: torch.Tensor, target: int, mask: torch.Tensor, pattern: torch.Tensor) -> float:
-    return float((model((1 - mask) * images + mask * pattern).argmax(1) == target).float().mean())
+    stamped = training_layout(model, (1 - mask) * images + mask * pattern)
+    return float((model(stamped).argmax(1) == target).float().mean())
 
 
 def _prune(states: list[_ClassState], config: InversionConfig) -> None:
@@ -262,8 +268,7 @@ def _finish(state: _ClassState, model: nn.Module, held_x: torch.Tensor, held_y: 
     sources = held_x[held_y != state.target]
     asr = 0.0
     if len(sources):
-        stamped = (1 - mask) * sources + mask * pattern
-        asr = float((model(stamped).argmax(1) == state.target).float().mean())
+        asr = _pool_asr(model, sources, state.target, mask, pattern)
     norm = state.best_norm if state.best is not None else float(mask.sum())
     return ClassTrigger(state.target, float(norm), asr, state.converged, state.best is not None, state.steps,
                         mask=mask.cpu(), pattern=pattern.cpu())
@@ -277,7 +282,7 @@ def max_margins(model: nn.Module, shape: tuple[int, ...], num_classes: int, conf
     optimizer = torch.optim.Adam([theta], lr=config.lr)
     best = torch.full((len(targets),), -math.inf, device=device)
     for _ in range(config.margin_steps):
-        logits = model(torch.sigmoid(theta))
+        logits = model(training_layout(model, torch.sigmoid(theta)))
         own = logits.gather(1, targets[:, None]).squeeze(1)
         others = logits.masked_fill(F.one_hot(targets, num_classes).bool(), -math.inf).amax(1)
         margin = own - others
