@@ -231,14 +231,14 @@ def invert_triggers(
             asr = (logits.argmax(-1) == targets[:, None]).float().mean(1)
             for s, a, n in zip(group, asr.tolist(), norms.detach().tolist()):
                 s.optimizer.step()
-                verify = (lambda m, p, t=s.target: _pool_asr(model, opt_x[pools[t]], t, m, p)) if config.verify_on_pool else None
+                verify = (lambda m, p, t=s.target: _stamped_asr(model, opt_x[pools[t]], t, m, p)) if config.verify_on_pool else None
                 s.record(a, n, config, verify)
             total_steps += len(group)
         step += 1
         if progress is not None:
             progress(step, config.max_steps)
     classes = [_finish(s, model, held_x.to(device), held_y.to(device)) for s in states]
-    margins = max_margins(model, shape, num_classes, config, device=device, seed=seed) if config.margin_starts else [0.0] * num_classes
+    margins = max_margins(model, shape, num_classes, config, device=device, seed=seed)
     for trigger, margin in zip(classes, margins):
         trigger.margin = float(margin)
     norms = np.array([c.norm for c in classes])
@@ -248,7 +248,7 @@ def invert_triggers(
 
 
 @torch.no_grad()
-def _pool_asr(model: nn.Module, images: torch.Tensor, target: int, mask: torch.Tensor, pattern: torch.Tensor) -> float:
+def _stamped_asr(model: nn.Module, images: torch.Tensor, target: int, mask: torch.Tensor, pattern: torch.Tensor) -> float:
     stamped = training_layout(model, (1 - mask) * images + mask * pattern)
     return float((model(stamped).argmax(1) == target).float().mean())
 
@@ -268,14 +268,17 @@ def _finish(state: _ClassState, model: nn.Module, held_x: torch.Tensor, held_y: 
     sources = held_x[held_y != state.target]
     asr = 0.0
     if len(sources):
-        asr = _pool_asr(model, sources, state.target, mask, pattern)
+        asr = _stamped_asr(model, sources, state.target, mask, pattern)
     norm = state.best_norm if state.best is not None else float(mask.sum())
     return ClassTrigger(state.target, float(norm), asr, state.converged, state.best is not None, state.steps,
                         mask=mask.cpu(), pattern=pattern.cpu())
 
 
 def max_margins(model: nn.Module, shape: tuple[int, ...], num_classes: int, config: InversionConfig, *, device, seed: int = 0) -> list[float]:
-    """Per class, the largest logit margin f_c − max_{k≠c} f_k reachable from random images (MM-BD)."""
+    """Per class, the largest logit margin f_c − max_{k≠c} f_k reachable from random images (MM-BD);
+    all 0.0 when `config.margin_starts` is 0 (plain Neural Cleanse computes none)."""
+    if config.margin_starts == 0:
+        return [0.0] * num_classes
     generator = torch.Generator().manual_seed(seed + 1)
     theta = torch.randn(num_classes * config.margin_starts, *shape, generator=generator).to(device).requires_grad_(True)
     targets = torch.arange(num_classes, device=device).repeat_interleave(config.margin_starts)
