@@ -52,7 +52,7 @@ def _scan_all(zoo, clean_npz: Path, rescan: bool) -> dict:
         inversion = result.checks[0]
         cached[entry.name] = {"statistics": inversion.details["statistics"], "seconds": time.perf_counter() - start,
                               "peak_memory_mb": result.peak_memory_mb, "steps": inversion.details["optimisation_steps"],
-                              "suspects": inversion.details["suspect_classes"]}
+                              "suspects": inversion.details["suspect_classes"], "per_class": inversion.details["per_class"]}
         print(f"scanned {entry.name} in {cached[entry.name]['seconds']:.1f}s", flush=True)
         STATS_FILE.write_text(json.dumps(cached, indent=1))
     return cached

@@ -18,17 +18,18 @@ from pathlib import Path
 import numpy as np
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
-# Chosen by leave-one-out cross-entropy on the zoo (benchmarks/scan.py); the reversed-trigger
-# ASR statistic is reported per class but did not help the fit.
-FEATURES = ("norm_gap", "log_margin_anomaly", "log_min_norm_fraction")
-CLIP = {"norm_gap": (0.0, 5.0), "log_margin_anomaly": (-2.3, 4.0), "log_min_norm_fraction": (-10.0, 0.0)}
+# Chosen by leave-one-out cross-entropy on the zoo (benchmarks/scan.py): the smallest trigger's
+# size and the margin anomaly of that same class. Against the model-wide statistics (the gap
+# to the second-smallest trigger, the largest margin anomaly of any class) it flags fewer clean
+# models; the reversed-trigger ASR statistic is reported per class but did not help the fit.
+FEATURES = ("log_min_norm_fraction", "target_margin_anomaly")
+CLIP = {"log_min_norm_fraction": (-10.0, 0.0), "target_margin_anomaly": (-3.0, 20.0)}
 THRESHOLD = 0.5
 
 
 def features(statistics: dict[str, float]) -> np.ndarray:
     raw = dict(statistics)
     raw["log_min_norm_fraction"] = math.log(max(raw.get("min_norm_fraction", 1.0), 1e-6))
-    raw["log_margin_anomaly"] = math.log(max(raw.get("margin_anomaly", 0.0), 0.1))
     return np.array([min(max(float(raw[name]), CLIP[name][0]), CLIP[name][1]) for name in FEATURES])
 
 
