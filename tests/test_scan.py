@@ -12,7 +12,7 @@ import torch
 from harden.models import InputSpec, create_model
 from harden.scan import VERDICTS, combine, scan
 from harden.scan.base import ERROR, FAILED, PASSED, SKIPPED, CheckResult
-from harden.scan.inversion import InversionConfig, invert_triggers, mad_anomaly
+from harden.scan.inversion import InversionConfig, _ClassState, invert_triggers, mad_anomaly
 from harden.scan.verdict import FEATURES, Calibration
 from harden.training import TrainConfig, fit
 from tests.conftest import CustomNet
@@ -173,6 +173,24 @@ def test_inversion_finds_a_planted_one_pixel_trigger():
     assert int(np.argmin(norms)) == 2 and norms[2] < 0.25 * sorted(norms)[1], norms
     assert result.classes[2].asr >= 0.9
     assert max(c.margin for c in result.classes) > 0
+
+
+def test_pool_check_keeps_the_smallest_trigger_that_generalises_and_its_own_norm():
+    """Minibatch successes are kept as candidates; only the final choice is checked on the pool,
+    smallest first, and the reported norm is that of the mask actually kept."""
+    state = _ClassState(0, (3, 8, 8), InversionConfig(), torch.Generator().manual_seed(0), "cpu")
+    for norm in (9.0, 7.0, 5.0, 3.0):
+        state.candidates.append((norm, torch.full((1, 8, 8), norm / 64), torch.zeros(3, 8, 8)))
+    checked = []
+    passes_from_five_up = lambda mask, pattern: checked.append(float(mask.sum())) or float(mask.sum() >= 5.0 - 1e-4)  # noqa: E731
+    norm, mask, _ = state.settle(passes_from_five_up, success_asr=0.95)
+    assert norm == 5.0 and checked == pytest.approx([3.0, 5.0])
+    assert state.settle(None, success_asr=0.95)[0] == 3.0  # plain Neural Cleanse trusts the minibatch
+    assert state.settle(lambda mask, pattern: 0.0, success_asr=0.95) is None
+
+    result = invert_triggers(PatchBackdoor(), *_banded_images(), 4, InversionConfig(max_steps=80, warmup_steps=20, margin_steps=5))
+    for trigger in (c for c in result.classes if c.succeeded):
+        assert trigger.norm == pytest.approx(float(trigger.mask.sum()), rel=1e-4)
 
 
 def test_plain_neural_cleanse_baseline_does_fixed_work_without_harden_additions():

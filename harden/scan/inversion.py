@@ -22,6 +22,7 @@ target class reaches an abnormally large logit margin from random starting image
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -54,8 +55,8 @@ class InversionConfig:
     keep_fraction: float = 0.3  # classes kept after warm-up; 1.0 disables scheduling
     early_stop: bool = True
     strategy: str = "auto"  # auto | loop | batched
-    verify_on_pool: bool = True  # a new best trigger must also succeed on the class's whole probe pool
-    margin_starts: int = 6  # MM-BD random starts per class; 0 skips the margins
+    verify_on_pool: bool = True  # the kept trigger must also succeed on the class's whole probe pool
+    margin_starts: int = 3  # MM-BD random starts per class; 0 skips the margins
     margin_steps: int = 30
 
     @classmethod
@@ -115,13 +116,27 @@ class _ClassState:
         self.cost = config.init_cost
         self.ups = self.downs = 0
         self.cost_lowered = False  # NC's rule: stop only once the cost schedule has crossed the boundary after a success
-        self.best_norm = math.inf
-        self.best: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.best_norm = math.inf  # of the last minibatch success that shrank the mask
+        # Those successes, smallest last; the 32 smallest bound the memory (a class keeps ~5–25).
+        self.candidates: deque[tuple[float, torch.Tensor, torch.Tensor]] = deque(maxlen=32)
         self.last_norm = math.inf
         self.last_improvement = 0
         self.steps = 0
         self.active = True
         self.converged = False
+
+    def settle(self, pool_asr: "Callable[[torch.Tensor, torch.Tensor], float] | None", success_asr: float
+               ) -> tuple[float, torch.Tensor, torch.Tensor] | None:
+        """The smallest kept trigger that also succeeds on the class's whole probe pool
+        (`pool_asr`; None trusts the minibatch, as plain Neural Cleanse does).
+
+        A minibatch success alone lets the mask shrink onto a few lucky images; the pool
+        check keeps the reversed trigger one that generalises. It runs once, here, from
+        the smallest trigger up, rather than at every success (the first usually passes)."""
+        for norm, mask, pattern in reversed(self.candidates):
+            if pool_asr is None or pool_asr(mask, pattern) >= success_asr:
+                return norm, mask, pattern
+        return None
 
     def mask(self) -> torch.Tensor:
         return torch.tanh(self.theta_m) / _TANH_SCALE + 0.5
@@ -129,29 +144,24 @@ class _ClassState:
     def pattern(self) -> torch.Tensor:
         return torch.tanh(self.theta_p) / _TANH_SCALE + 0.5
 
-    def record(self, asr: float, norm: float, config: InversionConfig, verify: "Callable[[torch.Tensor, torch.Tensor], float] | None") -> None:
-        """Update the cost schedule; keep a new best only if it also succeeds on the whole pool
-        (`verify`; None trusts the minibatch, as plain Neural Cleanse does).
-
-        A minibatch success alone lets the mask shrink onto a few lucky images; checking
-        the class's full probe pool keeps the reversed trigger one that generalises."""
+    def record(self, asr: float, norm: float, config: InversionConfig) -> None:
+        """Update the cost schedule and keep every minibatch success that shrinks the mask."""
         self.steps += 1
         self.last_norm = norm
         if asr >= config.success_asr:
             self.ups, self.downs = self.ups + 1, 0
             if norm < self.best_norm:
-                mask, pattern = self.mask().detach().clone(), self.pattern().detach().clone()
-                if verify is None or verify(mask, pattern) >= config.success_asr:
-                    if norm < self.best_norm * (1 - config.early_stop_tol):
-                        self.last_improvement = self.steps
-                    self.best_norm, self.best = norm, (mask, pattern)
+                if norm < self.best_norm * (1 - config.early_stop_tol):
+                    self.last_improvement = self.steps
+                self.best_norm = norm
+                self.candidates.append((norm, self.mask().detach().clone(), self.pattern().detach().clone()))
         else:
             self.ups, self.downs = 0, self.downs + 1
         if self.ups >= config.patience:
             self.cost, self.ups = self.cost * config.cost_up, 0
         elif self.downs >= config.patience:
             self.cost, self.downs = self.cost / config.cost_down, 0
-            self.cost_lowered = self.best is not None
+            self.cost_lowered = bool(self.candidates)
         stalled = self.cost_lowered and self.steps - self.last_improvement >= config.early_stop_patience
         if (config.early_stop and stalled) or self.steps >= config.max_steps:
             self.active, self.converged = False, True
@@ -230,14 +240,17 @@ def invert_triggers(
             (ce + costs * norms).sum().backward()
             asr = (logits.argmax(-1) == targets[:, None]).float().mean(1)
             for s, a, n in zip(group, asr.tolist(), norms.detach().tolist()):
+                s.record(a, n, config)  # before the step: keeps the mask that was measured
                 s.optimizer.step()
-                verify = (lambda m, p, t=s.target: _stamped_asr(model, opt_x[pools[t]], t, m, p)) if config.verify_on_pool else None
-                s.record(a, n, config, verify)
             total_steps += len(group)
         step += 1
         if progress is not None:
             progress(step, config.max_steps)
-    classes = [_finish(s, model, held_x.to(device), held_y.to(device)) for s in states]
+    held_x, held_y = held_x.to(device), held_y.to(device)
+    classes = []
+    for s in states:
+        pool_asr = (lambda m, p, t=s.target: _stamped_asr(model, opt_x[pools[t]], t, m, p)) if config.verify_on_pool else None
+        classes.append(_finish(s, s.settle(pool_asr, config.success_asr), model, held_x, held_y))
     margins = max_margins(model, shape, num_classes, config, device=device, seed=seed)
     for trigger, margin in zip(classes, margins):
         trigger.margin = float(margin)
@@ -256,21 +269,21 @@ def _stamped_asr(model: nn.Module, images: torch.Tensor, target: int, mask: torc
 def _prune(states: list[_ClassState], config: InversionConfig) -> None:
     """Keep optimising only the classes whose triggers are currently easiest (smallest norm)."""
     keep = max(2, math.ceil(config.keep_fraction * len(states)))
-    score = lambda s: s.best_norm if s.best is not None else s.last_norm + 1e6  # noqa: E731
+    score = lambda s: s.best_norm if s.candidates else s.last_norm + 1e6  # noqa: E731
     ranked = sorted((s for s in states if s.active), key=score)
     for state in ranked[keep:]:
         state.active = False
 
 
 @torch.no_grad()
-def _finish(state: _ClassState, model: nn.Module, held_x: torch.Tensor, held_y: torch.Tensor) -> ClassTrigger:
-    mask, pattern = state.best if state.best is not None else (state.mask().detach(), state.pattern().detach())
+def _finish(state: _ClassState, best: tuple[float, torch.Tensor, torch.Tensor] | None, model: nn.Module,
+            held_x: torch.Tensor, held_y: torch.Tensor) -> ClassTrigger:
+    norm, mask, pattern = best if best is not None else (float(state.mask().sum()), state.mask().detach(), state.pattern().detach())
     sources = held_x[held_y != state.target]
     asr = 0.0
     if len(sources):
         asr = _stamped_asr(model, sources, state.target, mask, pattern)
-    norm = state.best_norm if state.best is not None else float(mask.sum())
-    return ClassTrigger(state.target, float(norm), asr, state.converged, state.best is not None, state.steps,
+    return ClassTrigger(state.target, float(norm), asr, state.converged, best is not None, state.steps,
                         mask=mask.cpu(), pattern=pattern.cpu())
 
 
