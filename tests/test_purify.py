@@ -26,7 +26,7 @@ from harden.models import create_model, load_model
 from harden.models.wrappers import PixelModel
 from harden.publish import publish
 from harden.purify import purify
-from harden.purify.nft import MaskedNetwork, find_mask_sites, lower_bounds
+from harden.purify.nft import MaskedNetwork, find_mask_sites, lower_bounds, mixup_weight
 from harden.purify.triggers import AdditiveTrigger, ReversedTrigger, refreshed
 
 FAST_INVERSION = {"max_steps": 60, "probe_per_class": 6}
@@ -112,6 +112,18 @@ def test_unknown_mask_granularity_is_refused():
     sites = find_mask_sites(model, torch.rand(1, 3, 32, 32))
     with pytest.raises(HardenError, match="granularity"):
         MaskedNetwork(model, sites, lower_bounds(len(sites), "none"), granularity="kernel")
+
+
+def test_mixup_weight_is_beta_alpha_alpha_and_repeatable():
+    """α = 1 draws the published uniform λ from the seeded generator; a small α keeps most
+    batches near one image (λ near 0 or 1); 0 turns MixUp off."""
+    generator, reference = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert [mixup_weight(1.0, generator) for _ in range(5)] == pytest.approx([float(torch.rand((), generator=reference)) for _ in range(5)])
+    generator = torch.Generator().manual_seed(0)
+    draws = np.array([mixup_weight(0.2, generator) for _ in range(400)])
+    assert 0.0 <= draws.min() and draws.max() <= 1.0
+    assert ((draws < 0.1) | (draws > 0.9)).mean() > 0.5  # uniform would put 20% there
+    assert mixup_weight(0.0, generator) == 1.0
 
 
 def test_lower_bounds_reference_and_depth_rules():

@@ -27,6 +27,10 @@ channel (depth bounds, 30% stamped before mixing) left 0.06–0.65 ASR on them.
 - `refresh_every`: every N optimiser steps (default 30) the bounded additive triggers are
   re-optimised against the masked network (`TriggerChaser`, shared with trigger-unlearn),
   so the masks chase what is left of a full-image backdoor; 0 never.
+- `mixup_alpha`: MixUp's λ ~ Beta(α, α). The reference draws λ uniformly (α = 1); the
+  default 0.2 keeps most batches close to one image. On the zoo's 12 BadNets/Blend/SIG
+  models it took the runs that met the target (ASR ≤ 3%, ≤ 2 points of accuracy lost)
+  from 5 to 10, and 400 steps then did as well as 600; 0 turns MixUp off.
 - `bn_mode`: `freeze` (default) keeps the BatchNorm statistics the model was trained with;
   `update` re-estimates them on the MixUp batches as the reference does (registry and
   pickled modules only: pt2 GraphModules carry eval-mode BatchNorm).
@@ -40,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import beta
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -134,6 +139,16 @@ def lower_bounds(count: int, rule: str) -> list[float]:
     return [0.8 * math.exp(-0.5 * k * scale) for k in range(1, count + 1)]
 
 
+def mixup_weight(alpha: float, generator: torch.Generator) -> float:
+    """MixUp's λ ~ Beta(α, α), drawn through the seeded generator so runs repeat.
+
+    α = 1 is the published uniform; a small α keeps most batches close to one image
+    (λ near 0 or 1), which on a few hundred images cost less accuracy; 0 turns MixUp off."""
+    if alpha <= 0:
+        return 1.0
+    return float(beta.ppf(float(torch.rand((), generator=generator)), alpha, alpha))
+
+
 class MaskedNetwork(nn.Module):
     """`model` (a PixelModel) seen through masks on the chosen sites: per output channel, or per weight."""
 
@@ -197,9 +212,9 @@ class MaskedNetwork(nn.Module):
 class NeuralMaskFineTuning(Method):
     name = "nft"
     description = "neural mask fine-tuning (per-weight masks, MixUp with reversed triggers, pull-to-one regulariser), folded into the weights"
-    defaults = {"steps": 600, "rounds": 5, "batch_size": 128, "lr": 0.05, "final_lr": 0.02, "regulariser": 1e-3, "bounds": "none",
+    defaults = {"steps": 400, "rounds": 5, "batch_size": 128, "lr": 0.05, "final_lr": 0.02, "regulariser": 1e-3, "bounds": "none",
                 "placement": "bn+conv", "bn_mode": "freeze", "trigger_fraction": 0.5, "granularity": "weight",
-                "refresh_every": 30, "refresh_steps": 10}
+                "refresh_every": 30, "refresh_steps": 10, "mixup_alpha": 0.2}
 
     def run(self, ctx: PurifyContext) -> MethodOutput:
         params = dict(ctx.settings)
@@ -219,7 +234,7 @@ class NeuralMaskFineTuning(Method):
             chaser.step()
 
         def loss_fn(net, images, labels):
-            lam = float(torch.rand((), generator=generator))  # MixUp's Beta(1, 1) is uniform; the seeded draw keeps runs repeatable
+            lam = mixup_weight(params["mixup_alpha"], generator)
             order = torch.randperm(len(images), generator=generator).to(images.device)
             mixed, _ = stamp_fraction(lam * images + (1 - lam) * images[order], chaser.triggers, params["trigger_fraction"], generator)
             logits = net(mixed)

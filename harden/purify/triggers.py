@@ -71,9 +71,13 @@ Stamp = ReversedTrigger | AdditiveTrigger
 
 
 def additive_trigger(module: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, target: int, *, epsilon: float = 0.1,
-                     steps: int = 100, lr: float = 0.1, device: torch.device = torch.device("cpu"), seed: int = 0,
+                     steps: int = 40, lr: float = 0.1, device: torch.device = torch.device("cpu"), seed: int = 0,
                      start: torch.Tensor | None = None) -> AdditiveTrigger:
     """Optimise one δ (tanh-bounded to ±ε) that sends the probe images of other classes to `target`.
+
+    40 steps: on the zoo's BadNets, Blend and SIG models the δ toward the true target
+    reaches ASR 1.0 by step 30, and 100 steps cost 5–7 s per trigger on 2 CPU cores;
+    purification keeps re-optimising it anyway (`refreshed`).
 
     `start` warm-starts from an earlier δ. Only δ gets gradients, so this can run between
     training steps of `module` without touching its parameters' gradients."""
