@@ -116,14 +116,19 @@ class _ClassState:
         self.cost = config.init_cost
         self.ups = self.downs = 0
         self.cost_lowered = False  # NC's rule: stop only once the cost schedule has crossed the boundary after a success
-        self.best_norm = math.inf  # of the last minibatch success that shrank the mask
-        # Those successes, smallest last; the 32 smallest bound the memory (a class keeps ~5–25).
+        # Minibatch successes that shrank the mask, smallest last; the 32 smallest bound the
+        # memory (a class keeps ~5–25).
         self.candidates: deque[tuple[float, torch.Tensor, torch.Tensor]] = deque(maxlen=32)
         self.last_norm = math.inf
         self.last_improvement = 0
         self.steps = 0
         self.active = True
         self.converged = False
+
+    @property
+    def best_norm(self) -> float:
+        """Norm of the smallest minibatch success so far (not yet checked on the pool)."""
+        return self.candidates[-1][0] if self.candidates else math.inf
 
     def settle(self, pool_asr: "Callable[[torch.Tensor, torch.Tensor], float] | None", success_asr: float
                ) -> tuple[float, torch.Tensor, torch.Tensor] | None:
@@ -153,7 +158,6 @@ class _ClassState:
             if norm < self.best_norm:
                 if norm < self.best_norm * (1 - config.early_stop_tol):
                     self.last_improvement = self.steps
-                self.best_norm = norm
                 self.candidates.append((norm, self.mask().detach().clone(), self.pattern().detach().clone()))
         else:
             self.ups, self.downs = 0, self.downs + 1
@@ -278,12 +282,13 @@ def _prune(states: list[_ClassState], config: InversionConfig) -> None:
 @torch.no_grad()
 def _finish(state: _ClassState, best: tuple[float, torch.Tensor, torch.Tensor] | None, model: nn.Module,
             held_x: torch.Tensor, held_y: torch.Tensor) -> ClassTrigger:
-    norm, mask, pattern = best if best is not None else (float(state.mask().sum()), state.mask().detach(), state.pattern().detach())
+    succeeded = best is not None
+    norm, mask, pattern = best if succeeded else (float(state.mask().sum()), state.mask().detach(), state.pattern().detach())
     sources = held_x[held_y != state.target]
     asr = 0.0
     if len(sources):
         asr = _stamped_asr(model, sources, state.target, mask, pattern)
-    return ClassTrigger(state.target, float(norm), asr, state.converged, best is not None, state.steps,
+    return ClassTrigger(state.target, float(norm), asr, state.converged, succeeded, state.steps,
                         mask=mask.cpu(), pattern=pattern.cpu())
 
 
