@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="zoo seeds (model variants) per attack")
     parser.add_argument("--clean-fraction", type=float, default=0.05, help="defender's clean set, as a fraction of the dataset")
     parser.add_argument("--clean-seed", type=int, default=0, help="which draw of the defender's clean set (single runs are noisy at the 2-point line)")
+    parser.add_argument("--validation-fraction", type=float, default=0.2, help="of the clean set, held out for checkpoint selection and the guardrail")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="METHOD.KEY=VALUE")
     parser.add_argument("--reference", action="store_true", help="also time the straightforward published NFT")
     parser.add_argument("--format", default="text")
@@ -121,7 +122,8 @@ def main() -> None:
         for entry in zoo:
             for method in args.methods.split(","):
                 result = purify(str(entry.path), str(clean_npz), method=method, trigger=entry.attack, target=entry.target,
-                                test_data=str(test_npz), load_options={"arch": entry.arch}, options=options)
+                                test_data=str(test_npz), load_options={"arch": entry.arch}, options=options,
+                                 validation_fraction=args.validation_fraction)
                 b, a = result.before, result.after
                 rows.append([entry.name, method, b.test_accuracy, a.test_accuracy, b.test_known_asr, a.test_known_asr,
                              round(100 * (b.test_accuracy - a.test_accuracy), 2),
