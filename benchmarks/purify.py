@@ -123,7 +123,7 @@ def main() -> None:
             for method in args.methods.split(","):
                 result = purify(str(entry.path), str(clean_npz), method=method, trigger=entry.attack, target=entry.target,
                                 test_data=str(test_npz), load_options={"arch": entry.arch}, options=options,
-                                 validation_fraction=args.validation_fraction)
+                                validation_fraction=args.validation_fraction)
                 b, a = result.before, result.after
                 rows.append([entry.name, method, b.test_accuracy, a.test_accuracy, b.test_known_asr, a.test_known_asr,
                              round(100 * (b.test_accuracy - a.test_accuracy), 2),

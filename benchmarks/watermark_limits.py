@@ -35,30 +35,37 @@ from harden.sophon.attack_suite import BUDGETS, finetune
 from harden.sophon.data import in_memory
 from harden.sophon.heads import find_head
 from harden.sophon.strategies import STRATEGIES
-from harden.sophon.watermark import WatermarkKey, embed
+from harden.sophon.watermark import WatermarkKey, embed, verify
 
 SCALES = (1, 2, 4, 8)
+
+
+def _head(net: torch.nn.Module) -> torch.nn.Module:
+    """The module holding the head's weight (`find_head` returns parameters)."""
+    weight = find_head(net)[0]
+    return next(m for m in net.modules() if getattr(m, "weight", None) is weight)
 
 
 @torch.no_grad()
 def _features(net: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """What the head reads (the input of the last linear layer), in eval mode."""
-    weight = find_head(net)[0]
-    head = next(m for m in net.modules() if getattr(m, "weight", None) is weight)
     box = {}
-    hook = head.register_forward_pre_hook(lambda _, inputs: box.setdefault("features", inputs[0]))
+    hook = _head(net).register_forward_pre_hook(lambda _, inputs: box.setdefault("features", inputs[0]))
     net.eval()(images)
     hook.remove()
     return box["features"]
 
 
 def _tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.stack([data[i][0] for i in range(len(data))]), torch.tensor([int(data[i][1]) for i in range(len(data))])
+    loaded = in_memory(data)
+    return loaded.images, torch.as_tensor(loaded.labels)
 
 
-def _attacked(net: torch.nn.Module, strategy: str, recipe, ft_data, test_data, epochs: int, seed: int) -> torch.nn.Module:
+def _attacked(net: torch.nn.Module, recipe, ft_data, test_data, seed: int) -> torch.nn.Module:
+    """A copy of `net` after the attacker's re-initialised-head fine-tuning with `recipe`."""
     attacked = copy.deepcopy(net)
-    finetune(attacked, STRATEGIES[strategy], recipe, epochs, BUDGETS["standard"].batch_size, ft_data, test_data, seed=seed)
+    budget = BUDGETS["standard"]
+    finetune(attacked, STRATEGIES["reinit-head"], recipe, budget.epochs, budget.batch_size, ft_data, test_data, seed=seed)
     return attacked.eval()
 
 
@@ -67,12 +74,11 @@ def _injection_rows(source, ft_data, test_data, seed: int) -> list[list]:
     before = _features(source, images)
     centroids = torch.stack([before[labels == c].mean(0) for c in range(10)])
     directions = centroids - centroids.mean(0)
-    budget = BUDGETS["standard"]
     rows = []
-    for recipe in budget.recipes:
-        attacked = _attacked(source, "reinit-head", recipe, ft_data, test_data, budget.epochs, seed)
+    for recipe in BUDGETS["standard"].recipes:
+        attacked = _attacked(source, recipe, ft_data, test_data, seed)
         after = _features(attacked, images)
-        head = next(m for m in attacked.modules() if getattr(m, "weight", None) is find_head(attacked)[0])
+        head = _head(attacked)
         for scale in SCALES:
             with torch.no_grad():
                 rates = [float((head(after[labels != t] + scale * directions[t]).argmax(1) == t).float().mean()) for t in range(10)]
@@ -94,14 +100,12 @@ def _agreement_rows(source, orig_train, orig_test, ft_data, test_data, loops: in
     images, labels = _tensors(test_data)
     config = OuterConfig(InnerLoop(steps=40), loops=loops, lr=1e-3, seed=seed)
     marked = embed(copy.deepcopy(source), orig_train, orig_test, key, num_classes=10, config=config).model
-    budget = BUDGETS["standard"]
     rows = []
-    for recipe in budget.recipes:
-        attacked = _attacked(marked, "reinit-head", recipe, ft_data, test_data, budget.epochs, seed)
+    for recipe in BUDGETS["standard"].recipes:
+        attacked = _attacked(marked, recipe, ft_data, test_data, seed)
         modal, share = _modal_share(attacked, images, labels, mark.trigger)
         decoys = [_modal_share(attacked, images, labels, decoy)[1] for decoy in mark.decoys(8)]
-        with torch.no_grad():
-            target = float((attacked(mark.trigger(images[labels != mark.target])).argmax(1) == mark.target).float().mean())
+        target = verify(attacked, test_data, key, num_classes=10, decoys=0).success_rate
         rows.append([f"{recipe.optimizer} lr {recipe.lr:g}", round(target, 3), modal, round(share, 3), round(max(decoys), 3)])
     return rows
 
