@@ -15,7 +15,6 @@ import tempfile
 import time
 
 import mlflow
-import torch
 
 from harden import tracking
 from harden.data import load_data

@@ -9,9 +9,11 @@ Builds (or re-uses) the zoo of benchmarks/zoo.py, scans every model through the 
 - reports over the zoo, held out: AUC, TrojAI cross-entropy (bar 0.3465, random 0.693),
   false positives on clean models;
 - `--baseline N`: runs a plain Neural Cleanse (per-class loop, fixed 300 steps, same probe
-  set, MAD anomaly index > 2) side by side on N held-out models: time and verdicts.
+  set, MAD anomaly index > 2) side by side on N held-out models: time and verdicts;
+- `--fresh N`: builds a fresh zoo (new seeds, see benchmarks/zoo.py) that neither the fit nor
+  any design choice has seen, and scores it with the shipped calibration.
 
-    .venv/bin/python benchmarks/scan.py --fit --baseline 6
+    .venv/bin/python benchmarks/scan.py --rescan --fit --baseline 6 --fresh 2
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ STATS_FILE = ZOO_DIR / "scan_stats.json"
 
 
 def _scan_all(zoo, clean_npz: Path, rescan: bool) -> dict:
-    cached = json.loads(STATS_FILE.read_text()) if STATS_FILE.exists() and not rescan else {}
+    cached = json.loads(STATS_FILE.read_text()) if STATS_FILE.exists() else {}
     for entry in zoo:
-        if entry.name in cached:
+        if entry.name in cached and not rescan:
             continue
         start = time.perf_counter()
         result = scan(str(entry.path), data=str(clean_npz), checks=["inversion"], load_options={"arch": entry.arch})
@@ -77,42 +79,62 @@ def _baseline(entries, clean, cal) -> list[list]:
     return rows
 
 
+def _clean_npz(clean, folder: Path) -> Path:
+    """The defender's clean set as the .npz a user would pass to `harden scan --data`."""
+    path = folder / "clean.npz"
+    x, y = to_uint8_arrays(clean)
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def _scored(entries, stats: dict, probabilities: list[float], cal) -> tuple[list[list], dict]:
+    """Per-model rows and the zoo-level metrics (AUC, TrojAI cross-entropy, false positives, misses)."""
+    labels = [int(e.backdoored) for e in entries]
+    rows = [[e.name, "backdoor" if e.backdoored else "clean", e.target, round(p, 3), "backdoor" if p >= 0.5 else "clean",
+             round(cal.probability(stats[e.name]["statistics"]), 3), round(stats[e.name]["seconds"], 1), stats[e.name]["steps"],
+             round(stats[e.name]["peak_memory_mb"])] for e, p in zip(entries, probabilities)]
+    summary = {"models": len(labels), "backdoored": sum(labels), "auc": calibration.auc(probabilities, labels),
+               "cross_entropy": calibration.cross_entropy(probabilities, labels),
+               "false_positives_on_clean": sum(1 for p, y in zip(probabilities, labels) if y == 0 and p >= 0.5),
+               "missed_backdoors": sum(1 for p, y in zip(probabilities, labels) if y == 1 and p < 0.5),
+               "median_scan_s": float(np.median([stats[e.name]["seconds"] for e in entries]))}
+    return rows, summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fit", action="store_true", help="fit and write harden/scan/calibration.json")
     parser.add_argument("--rescan", action="store_true", help="ignore cached scan statistics")
     parser.add_argument("--baseline", type=int, default=0, help="models of the zoo's holdout split to compare with plain Neural Cleanse")
+    parser.add_argument("--fresh", type=int, default=0, metavar="N",
+                        help="also build and score a fresh zoo (N new seeds per attack, 3N clean) with the shipped calibration")
     args = parser.parse_args()
     torch.set_num_threads(2)
     zoo = load_zoo()
     _, clean, _ = zoo_data()
     with tempfile.TemporaryDirectory() as tmp:
-        clean_npz = Path(tmp) / "clean.npz"
-        x, y = to_uint8_arrays(clean)
-        np.savez(clean_npz, x=x, y=y)
-        stats = _scan_all(zoo, clean_npz, args.rescan)
+        stats = _scan_all(zoo, _clean_npz(clean, Path(tmp)), args.rescan)
     rows_stats = [stats[e.name]["statistics"] for e in zoo]
     labels = [int(e.backdoored) for e in zoo]
     if args.fit:
         calibration.fit(rows_stats, labels, f"benchmarks/scan.py --fit on {len(zoo)} zoo models ({sum(labels)} backdoored)").save()
     cal = calibration.Calibration.load()
     held_out = calibration.leave_one_out(rows_stats, labels)
-    rows = []
-    for entry, p_loo in zip(zoo, held_out):
-        p = cal.probability(stats[entry.name]["statistics"])
-        rows.append([entry.name, "backdoor" if entry.backdoored else "clean", entry.target, round(p_loo, 3),
-                     "backdoor" if p_loo >= 0.5 else "clean", round(p, 3), round(stats[entry.name]["seconds"], 1),
-                     stats[entry.name]["steps"], round(stats[entry.name]["peak_memory_mb"])])
-    summary = {"models": len(labels), "backdoored": sum(labels), "auc": calibration.auc(held_out, labels),
-               "cross_entropy": calibration.cross_entropy(held_out, labels),
-               "false_positives_on_clean": sum(1 for p, y in zip(held_out, labels) if y == 0 and p >= 0.5),
-               "missed_backdoors": sum(1 for p, y in zip(held_out, labels) if y == 1 and p < 0.5),
-               "median_scan_s": float(np.median([stats[e.name]["seconds"] for e in zoo]))}
+    rows, summary = _scored(zoo, stats, held_out, cal)
     if args.fit:
         cal.holdout = {"method": "leave-one-out", **summary}
         cal.save()
     tables = [Table("per model (p held out = leave-one-out)", ["model", "truth", "target", "p held out", "verdict", "p shipped", "seconds", "steps", "peak MB"], rows),
               Table("held-out calibration (leave-one-out)", ["metric", "value"], [[k, v] for k, v in summary.items()])]
+    if args.fresh:
+        fresh = load_zoo(fresh=args.fresh)
+        with tempfile.TemporaryDirectory() as tmp:
+            stats.update(_scan_all(fresh, _clean_npz(clean, Path(tmp)), args.rescan))
+        fresh_p = [cal.probability(stats[e.name]["statistics"]) for e in fresh]
+        fresh_rows, fresh_summary = _scored(fresh, stats, fresh_p, cal)
+        tables += [Table(f"fresh zoo (--fresh {args.fresh}): models the fit and the design never saw, shipped calibration",
+                         ["model", "truth", "target", "p", "verdict", "p shipped", "seconds", "steps", "peak MB"], fresh_rows),
+                   Table("fresh zoo", ["metric", "value"], [[k, v] for k, v in fresh_summary.items()])]
     if args.baseline:
         holdout = [e for e in zoo if e.split == "holdout"]
         picks = [e for e in holdout if e.backdoored][: args.baseline - args.baseline // 3] + [e for e in holdout if not e.backdoored][: args.baseline // 3]

@@ -33,7 +33,8 @@ SPEC = InputSpec(3, 32, 32)
 ARCHS = ("small_cnn", "resnet8_narrow")
 LARGE_ARCHS = ("resnet18_cifar",)  # planned too, but built only when a benchmark asks for them (minutes per model on CPU)
 ATTACKS = ("grid_paste", "blend", "sig", "wanet:k=4,s=1.0")
-CLEAN_SEEDS = 6  # per architecture: the clean side of the calibration needs its own spread, not just 4 draws
+CLEAN_SEEDS = 12  # per architecture: the clean side of the calibration needs its own spread
+ATTACK_SEEDS = 4  # per attack and architecture
 
 
 @dataclass
@@ -61,16 +62,23 @@ def zoo_data(seed: int = 0) -> tuple[LabelledDataset, LabelledDataset, LabelledD
     return tuple(split(load_data("digits", SPEC, num_classes=10), [0.7, 0.15, 0.15], seed=seed))  # type: ignore[return-value]
 
 
-def zoo_plan() -> list[ZooModel]:
+def zoo_plan(fresh: int = 0) -> list[ZooModel]:
+    """The calibration zoo: CLEAN_SEEDS clean seeds and ATTACK_SEEDS seeds per attack for each
+    architecture. With `fresh` = n, a fresh zoo instead: the next n seeds per attack and 3n
+    clean seeds, models that neither the fit nor any design choice has seen (split "fresh")."""
+    clean_seeds = range(CLEAN_SEEDS, CLEAN_SEEDS + 3 * fresh) if fresh else range(CLEAN_SEEDS)
+    attack_seeds = range(ATTACK_SEEDS, ATTACK_SEEDS + fresh) if fresh else range(ATTACK_SEEDS)
     plan = []
     for arch in ARCHS + LARGE_ARCHS:
-        for seed in range(CLEAN_SEEDS):
-            plan.append(ZooModel(f"{arch}-clean-s{seed}", arch, None, None, seed, "fit" if seed % 4 < 2 else "holdout"))
+        for seed in clean_seeds:
+            split = "fresh" if fresh else "holdout" if seed % 4 >= 2 else "fit"
+            plan.append(ZooModel(f"{arch}-clean-s{seed}", arch, None, None, seed, split))
         for i, attack in enumerate(ATTACKS):
-            for seed in range(2):
+            for seed in attack_seeds:
                 target = (3 * i + 2 * seed + 1) % 10
                 name = f"{arch}-{attack.split(':')[0]}-t{target}-s{seed}"
-                plan.append(ZooModel(name, arch, attack, target, seed, "fit" if seed == 0 else "holdout"))
+                split = "fresh" if fresh else "holdout" if seed == 1 else "fit"
+                plan.append(ZooModel(name, arch, attack, target, seed, split))
     return plan
 
 
@@ -90,13 +98,14 @@ def build(entry: ZooModel, train, test, epochs: int = 8) -> ZooModel:
     return entry
 
 
-def load_zoo(select: Callable[[ZooModel], bool] = lambda entry: entry.arch in ARCHS) -> list[ZooModel]:
-    """Build the selected models that are missing; return the usable selection (failed attacks left out)."""
+def load_zoo(select: Callable[[ZooModel], bool] = lambda entry: entry.arch in ARCHS, fresh: int = 0) -> list[ZooModel]:
+    """Build the selected models of `zoo_plan(fresh)` that are missing; return the usable
+    selection (failed attacks left out)."""
     index = ZOO_DIR / "index.json"
     known = {e["name"]: ZooModel(**e) for e in json.loads(index.read_text())} if index.exists() else {}
     train, _, test = zoo_data()
     entries = []
-    for planned in filter(select, zoo_plan()):
+    for planned in filter(select, zoo_plan(fresh)):
         entry = known.get(planned.name)
         if entry is None or not entry.path.exists():
             start = time.perf_counter()

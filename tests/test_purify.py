@@ -239,7 +239,8 @@ def test_unknown_pt2_architecture_is_purified_and_stays_pt2(mlflow_home, digits_
     labels = y.copy()
     labels[poison] = 3
     torch.manual_seed(0)
-    net = train_quickly(CustomNet(), images[train], labels[train], epochs=6)
+    # 8 epochs: with 6 the patch implanted at ASR 0.40 only (torch 2.14.1 CPU), too weak to test removal on
+    net = train_quickly(CustomNet(), images[train], labels[train], epochs=8)
     with mlflow.start_run():
         mlflow.pytorch.log_model(net, name="model", input_example=np.zeros((2, 3, 32, 32), np.float32), registered_model_name="outside-cnn")
     clean_npz = write_npz(tmp_path / "clean.npz", x[clean], y[clean])

@@ -1,7 +1,7 @@
 """Backdoor triggers as pure functions on pixel-space batches (N×C×H×W in [0, 1]).
 
-Used to build demo and benchmark zoos and to measure attack success; never needed by
-a defence. A trigger is named by a spec string `name[:key=value,...]`, e.g.
+Used to build demo and benchmark zoos and to measure attack success; a defence needs no
+trigger, only the warp geometry (`warp_grid`), which the scan's warp inversion shares. A trigger is named by a spec string `name[:key=value,...]`, e.g.
 `grid_paste`, `grid_paste:size=4`, `blend:alpha=0.1,seed=3`, `wanet:k=4,s=0.5`.
 Constants follow the conventions in the algorithms reference (§8), regenerated here,
 with the reference code's wrap-around quirks left out (values are clipped).
@@ -212,21 +212,28 @@ def _four_corner(shape, size: int) -> Stamp:
     return stamp
 
 
+def warp_grid(control: torch.Tensor, height: int, width: int, scale: float | torch.Tensor) -> torch.Tensor:
+    """Sampling grids (G×H×W×2, in grid_sample's [-1, 1] coordinates) for smooth warps: the
+    G×2×k×k control displacements, upsampled bicubically, times `scale`, added to the identity."""
+    flow = F.interpolate(control, size=(height, width), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, height, device=control.device),
+                            torch.linspace(-1, 1, width, device=control.device), indexing="ij")
+    return (torch.stack((xs, ys), dim=-1)[None] + scale * flow).clamp(-1, 1)
+
+
+def apply_warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Resample a batch through one grid (1×H×W×2) or one grid per image."""
+    grid = grid.to(x).expand(x.shape[0], -1, -1, -1) if grid.shape[0] == 1 else grid.to(x)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
 @register_trigger("wanet", "WaNet-style smooth warp (k control points, strength s)", k=4, s=0.5, seed=0)
 def _wanet(shape, k: int, s: float, seed: int) -> Stamp:
     _, height, width = shape
     generator = torch.Generator().manual_seed(seed)
     noise = torch.rand(1, 2, k, k, generator=generator) * 2 - 1
-    noise = noise / noise.abs().mean()
-    flow = F.interpolate(noise, size=(height, width), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
-    identity = torch.stack((xs, ys), dim=-1)[None]
-    grid = (identity + s * flow / height).clamp(-1, 1)
-
-    def stamp(x: torch.Tensor) -> torch.Tensor:
-        return F.grid_sample(x, grid.to(x).expand(x.shape[0], -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True)
-
-    return stamp
+    grid = warp_grid(noise / noise.abs().mean(), height, width, s / height)
+    return lambda x: apply_warp(x, grid)
 
 
 @register_trigger("random_patch", "seeded random binary patch at a seeded position (watermark keys, decoys)", size=0, seed=0)

@@ -18,8 +18,9 @@ from harden.scan.verdict import THRESHOLD, Calibration
 RULE = "harden.backdoor.trigger-inversion"
 register_rule(
     RULE, "Classifier behaves as if backdoored",
-    "Trigger inversion found a class that a much smaller input patch or pattern reaches than any other class, and/or an "
-    "abnormally large reachable logit margin; the calibrated probability of a backdoor is above the threshold.",
+    "Trigger inversion found a class that a much smaller input patch or pattern reaches than any other class, an "
+    "abnormally large reachable logit margin, or a class reached by a sub-pixel warp or a small full-image pattern; "
+    "the calibrated probability of a backdoor is above the threshold.",
     "Do not promote this version. Inspect the reversed trigger in the HTML report, then run `harden purify` and re-scan.",
 )
 
@@ -76,12 +77,16 @@ def anomaly_chart_png(classes: list[ClassTrigger], suspects: list[int]) -> bytes
     return buffer.getvalue()
 
 
+WARP_REACHED = 0.5  # a class that half of the probe images reach through a sub-pixel warp is a warp target
+
+
 def suspect_classes(classes: list[ClassTrigger], p_backdoor: float) -> list[int]:
-    """Classes ranked by how easy they are to reach: smallest trigger first, when the model is suspect."""
+    """Classes ranked by how easy they are to reach, when the model is suspect: classes reached
+    by a sub-pixel warp first (a warp backdoor's target needs no small mask), then by trigger size."""
     if p_backdoor < THRESHOLD:
         return []
-    ranked = sorted(classes, key=lambda c: (c.norm, -c.margin))
-    flagged = [c.target for c in ranked if c.anomaly_index > 2.0]
+    ranked = sorted(classes, key=lambda c: (c.warp_asr < WARP_REACHED, c.norm, -c.margin))
+    flagged = [c.target for c in ranked if c.anomaly_index > 2.0 or c.warp_asr >= WARP_REACHED]
     return [ranked[0].target] + [t for t in flagged if t != ranked[0].target]
 
 

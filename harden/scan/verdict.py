@@ -4,8 +4,10 @@ A logistic model over a few standardised statistics of the trigger inversion
 (harden/scan/inversion.py:statistics). Its coefficients are fitted on a zoo of clean
 and backdoored models by `benchmarks/scan.py --fit` and shipped in calibration.json;
 the same benchmark reports calibration (TrojAI cross-entropy, AUC) on models not used
-for fitting, by leave-one-out: each model is scored by a calibration fitted without it. Statistics are clipped to the range seen in the zoo so that
-an unusual model cannot push the probability to an extreme by extrapolation alone.
+for fitting, by leave-one-out (each model scored by a calibration fitted without it, its
+regularisation chosen without it too) and on a fresh zoo of new seeds (`--fresh`).
+Statistics are clipped to fixed ranges so that an unusual model cannot push the
+probability to an extreme by extrapolation alone.
 """
 
 from __future__ import annotations
@@ -19,18 +21,31 @@ import numpy as np
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 # Chosen by leave-one-out cross-entropy on the zoo (benchmarks/scan.py): the smallest trigger's
-# size and the margin anomaly of that same class. Against the model-wide statistics (the gap
-# to the second-smallest trigger, the largest margin anomaly of any class) it flags fewer clean
-# models; the reversed-trigger ASR statistic is reported per class but did not help the fit.
-FEATURES = ("log_min_norm_fraction", "target_margin_anomaly")
-CLIP = {"log_min_norm_fraction": (-10.0, 0.0), "target_margin_anomaly": (-3.0, 20.0)}
+# size and the margin anomaly of that same class (against model-wide statistics, the gap to the
+# second-smallest trigger or the largest margin anomaly of any class, it flags fewer clean
+# models), plus one statistic per trigger family a mask cannot express (harden/scan/structured.py):
+# the best sub-pixel warp's success toward any class (warps), and a separable full-image
+# pattern's success toward the smallest-trigger class (SIG, blends). The reversed-trigger ASR
+# is reported per class but did not help the fit.
+#
+# The two structured statistics enter only by how far they exceed one half ("most images reach the
+# class"): they are evidence for their own trigger family, and a low value says nothing about a
+# patch backdoor. Entered raw, a patch backdoor's low separable success pulled its p_backdoor
+# down (a fresh-zoo BadNets model with a 4.7-pixel reversed trigger scored 0.014).
+FEATURES = ("log_min_norm_fraction", "target_margin_anomaly", "warp_asr_above_half", "separable_asr_above_half")
+CLIP = {"log_min_norm_fraction": (-10.0, 0.0), "target_margin_anomaly": (-3.0, 20.0), "warp_asr_above_half": (0.0, 0.5),
+        "separable_asr_above_half": (0.0, 0.5)}
 THRESHOLD = 0.5
 
 
-def features(statistics: dict[str, float]) -> np.ndarray:
+def features(statistics: dict[str, float], names: tuple[str, ...] | list[str] | None = None) -> np.ndarray:
+    """The calibration's inputs, in the order of `names` (default FEATURES), clipped to CLIP."""
+    names = names or FEATURES
     raw = dict(statistics)
     raw["log_min_norm_fraction"] = math.log(max(raw.get("min_norm_fraction", 1.0), 1e-6))
-    return np.array([min(max(float(raw[name]), CLIP[name][0]), CLIP[name][1]) for name in FEATURES])
+    raw["warp_asr_above_half"] = max(0.0, raw.get("warp_asr", 0.0) - 0.5)
+    raw["separable_asr_above_half"] = max(0.0, raw.get("target_separable_asr", 0.0) - 0.5)
+    return np.array([min(max(float(raw[name]), CLIP[name][0]), CLIP[name][1]) for name in names])
 
 
 @dataclass
@@ -44,7 +59,7 @@ class Calibration:
     holdout: dict = field(default_factory=dict)
 
     def probability(self, statistics: dict[str, float]) -> float:
-        z = (features(statistics) - np.array(self.mean)) / np.array(self.scale)
+        z = (features(statistics, self.features) - np.array(self.mean)) / np.array(self.scale)
         logit = float(np.dot(z, self.coef) + self.intercept)
         return 1.0 / (1.0 + math.exp(-max(min(logit, 50.0), -50.0)))
 
@@ -58,18 +73,27 @@ class Calibration:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def fit(rows: list[dict[str, float]], labels: list[int], description: str, c: float = 1.0) -> Calibration:
-    """Regularised logistic regression on standardised features (sklearn)."""
+REGULARISATION_GRID = (0.3, 1.0, 3.0, 10.0)  # logistic regression's C, chosen per fit by inner leave-one-out
+
+
+def fit(rows: list[dict[str, float]], labels: list[int], description: str, c: float | None = None) -> Calibration:
+    """Regularised logistic regression on standardised features (sklearn). With `c` None, the
+    regularisation is the one of REGULARISATION_GRID with the lowest leave-one-out
+    cross-entropy on these rows alone, so held-out scores of `leave_one_out` stay honest."""
     from sklearn.linear_model import LogisticRegression
 
+    if c is None:
+        c = min(REGULARISATION_GRID, key=lambda grid_c: cross_entropy(leave_one_out(rows, labels, grid_c), labels))
     x = np.stack([features(r) for r in rows])
     mean, scale = x.mean(0), x.std(0) + 1e-6
     model = LogisticRegression(C=c, max_iter=1000).fit((x - mean) / scale, labels)
-    return Calibration(mean.tolist(), scale.tolist(), model.coef_[0].tolist(), float(model.intercept_[0]), fitted_on=description)
+    return Calibration(mean.tolist(), scale.tolist(), model.coef_[0].tolist(), float(model.intercept_[0]),
+                       fitted_on=f"{description} (C={c:g})" if description else "")
 
 
-def leave_one_out(rows: list[dict[str, float]], labels: list[int], c: float = 1.0) -> list[float]:
-    """Each model's probability from a calibration fitted without it (honest held-out estimates)."""
+def leave_one_out(rows: list[dict[str, float]], labels: list[int], c: float | None = None) -> list[float]:
+    """Each model's probability from a calibration fitted without it (honest held-out estimates;
+    with `c` None the regularisation is chosen inside each fold, without the held-out model)."""
     return [fit(rows[:i] + rows[i + 1:], labels[:i] + labels[i + 1:], "", c).probability(rows[i]) for i in range(len(rows))]
 
 
