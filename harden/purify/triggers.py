@@ -12,12 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
 from harden.data.pipeline import LabelledDataset
-from harden.runtime import training_layout
 from harden.scan.classifier import probe_set
 from harden.scan.inversion import InversionConfig, invert_triggers
+from harden.scan.structured import additive_transform, optimise, success
 
 
 @dataclass
@@ -87,16 +86,10 @@ def additive_trigger(module: torch.nn.Module, images: torch.Tensor, labels: torc
     else:
         raw = torch.atanh((start / epsilon).clamp(-0.999, 0.999))
     raw = raw.to(device).requires_grad_(True)
-    optimizer = torch.optim.Adam([raw], lr=lr)
-    goal = torch.full((len(sources),), target, device=device)
-    for _ in range(steps):
-        delta = epsilon * torch.tanh(raw)
-        loss = F.cross_entropy(module(training_layout(module, (sources + delta).clamp(0, 1))), goal)
-        (raw.grad,) = torch.autograd.grad(loss, raw)
-        optimizer.step()
+    transform = additive_transform(epsilon)
+    optimise(module, sources, target, transform, raw, torch.optim.Adam([raw], lr=lr), steps=steps)
     delta = (epsilon * torch.tanh(raw)).detach()
-    with torch.no_grad():
-        asr = float((module((sources + delta).clamp(0, 1)).argmax(1) == target).float().mean())
+    asr = success(module, sources, target, transform, raw)
     return AdditiveTrigger(target, delta.cpu(), epsilon, asr)
 
 

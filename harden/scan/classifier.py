@@ -12,7 +12,7 @@ from harden.data.pipeline import LabelledDataset
 from harden.report import Finding, Image, register_rule
 from harden.scan.base import FAILED, PASSED, Check, CheckResult, ScanContext, register_check
 from harden.scan.inversion import ClassTrigger, InversionConfig, invert_triggers
-from harden.scan.verdict import THRESHOLD, Calibration
+from harden.scan.verdict import REACHED, THRESHOLD, Calibration
 
 
 RULE = "harden.backdoor.trigger-inversion"
@@ -77,16 +77,13 @@ def anomaly_chart_png(classes: list[ClassTrigger], suspects: list[int]) -> bytes
     return buffer.getvalue()
 
 
-WARP_REACHED = 0.5  # a class that half of the probe images reach through a sub-pixel warp is a warp target
-
-
 def suspect_classes(classes: list[ClassTrigger], p_backdoor: float) -> list[int]:
     """Classes ranked by how easy they are to reach, when the model is suspect: classes reached
     by a sub-pixel warp first (a warp backdoor's target needs no small mask), then by trigger size."""
     if p_backdoor < THRESHOLD:
         return []
-    ranked = sorted(classes, key=lambda c: (c.warp_asr < WARP_REACHED, c.norm, -c.margin))
-    flagged = [c.target for c in ranked if c.anomaly_index > 2.0 or c.warp_asr >= WARP_REACHED]
+    ranked = sorted(classes, key=lambda c: (c.warp_asr < REACHED, c.norm, -c.margin))
+    flagged = [c.target for c in ranked if c.anomaly_index > 2.0 or c.warp_asr >= REACHED]
     return [ranked[0].target] + [t for t in flagged if t != ranked[0].target]
 
 

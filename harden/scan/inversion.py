@@ -331,7 +331,7 @@ def max_margins(model: nn.Module, shape: tuple[int, ...], num_classes: int, conf
     return best.view(num_classes, config.margin_starts).amax(1).tolist()
 
 
-def statistics(classes: list[ClassTrigger], shape: tuple[int, ...], target_separable_asr: float = 0.0) -> dict[str, float]:
+def statistics(classes: list[ClassTrigger], shape: tuple[int, ...], target_separable_asr: float) -> dict[str, float]:
     """Model-level statistics the calibrated verdict is fitted on (see harden/scan/verdict.py);
     `target_separable_asr` is the separable pattern's success toward the smallest-trigger class."""
     area = float(shape[1] * shape[2])

@@ -38,6 +38,11 @@ def warp_transform(height: int, width: int, budget_px: float) -> Transform:
     return transform
 
 
+def additive_transform(epsilon: float) -> Transform:
+    """Raw parameters shaped like one image → images plus ε·tanh(raw), clipped to [0, 1]."""
+    return lambda images, raw: (images + epsilon * torch.tanh(raw)).clamp(0.0, 1.0)
+
+
 def separable_transform(height: int, epsilon: float) -> Transform:
     """Raw (H + W) parameters → images plus ε·tanh(a_i + b_j), the same on every channel, clipped to [0, 1]."""
 
@@ -49,12 +54,16 @@ def separable_transform(height: int, epsilon: float) -> Transform:
 
 
 def optimise(model: nn.Module, sources: torch.Tensor, target: int, transform: Transform, raw: torch.Tensor,
-             optimizer: torch.optim.Optimizer, *, steps: int, batch_size: int, generator: torch.Generator) -> float:
-    """`steps` Adam steps on `raw` (in place) sending transformed `sources` to `target`; returns the last loss."""
-    goal = torch.full((batch_size,), target, device=sources.device)
+             optimizer: torch.optim.Optimizer, *, steps: int, batch_size: int | None = None,
+             generator: torch.Generator | None = None) -> float:
+    """`steps` optimiser steps on `raw` (in place) sending transformed `sources` to `target`, on
+    random batches of `batch_size` (None: all sources every step); returns the last loss.
+    Only `raw` gets gradients, so this can run between training steps of `model`."""
+    goal = torch.full((batch_size or len(sources),), target, device=sources.device)
     loss = torch.tensor(math.inf)
     for _ in range(steps):
-        batch = sources[torch.randint(len(sources), (batch_size,), generator=generator).to(sources.device)]
+        batch = sources if batch_size is None else \
+            sources[torch.randint(len(sources), (batch_size,), generator=generator).to(sources.device)]
         loss = F.cross_entropy(model(training_layout(model, transform(batch, raw))), goal)
         (raw.grad,) = torch.autograd.grad(loss, raw)
         optimizer.step()

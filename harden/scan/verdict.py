@@ -32,6 +32,7 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 # class"): they are evidence for their own trigger family, and a low value says nothing about a
 # patch backdoor. Entered raw, a patch backdoor's low separable success pulled its p_backdoor
 # down (a fresh-zoo BadNets model with a 4.7-pixel reversed trigger scored 0.014).
+REACHED = 0.5  # attack success from which a structured trigger counts: half of the probe images reach the class
 FEATURES = ("log_min_norm_fraction", "target_margin_anomaly", "warp_asr_above_half", "separable_asr_above_half")
 CLIP = {"log_min_norm_fraction": (-10.0, 0.0), "target_margin_anomaly": (-3.0, 20.0), "warp_asr_above_half": (0.0, 0.5),
         "separable_asr_above_half": (0.0, 0.5)}
@@ -43,8 +44,8 @@ def features(statistics: dict[str, float], names: tuple[str, ...] | list[str] | 
     names = names or FEATURES
     raw = dict(statistics)
     raw["log_min_norm_fraction"] = math.log(max(raw.get("min_norm_fraction", 1.0), 1e-6))
-    raw["warp_asr_above_half"] = max(0.0, raw.get("warp_asr", 0.0) - 0.5)
-    raw["separable_asr_above_half"] = max(0.0, raw.get("target_separable_asr", 0.0) - 0.5)
+    raw["warp_asr_above_half"] = max(0.0, raw.get("warp_asr", 0.0) - REACHED)
+    raw["separable_asr_above_half"] = max(0.0, raw.get("target_separable_asr", 0.0) - REACHED)
     return np.array([min(max(float(raw[name]), CLIP[name][0]), CLIP[name][1]) for name in names])
 
 
