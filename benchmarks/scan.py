@@ -11,9 +11,11 @@ Builds (or re-uses) the zoo of benchmarks/zoo.py, scans every model through the 
 - `--baseline N`: runs a plain Neural Cleanse (per-class loop, fixed 300 steps, same probe
   set, MAD anomaly index > 2) side by side on N held-out models: time and verdicts;
 - `--fresh N`: builds a fresh zoo (new seeds, see benchmarks/zoo.py) that neither the fit nor
-  any design choice has seen, and scores it with the shipped calibration.
+  any design choice has seen, and scores it with the shipped calibration;
+- `--ablation`: what each structured statistic adds: the calibration refitted without it, held
+  out on the zoo and on the fresh zoo (minutes: one nested leave-one-out per variant).
 
-    .venv/bin/python benchmarks/scan.py --rescan --fit --baseline 6 --fresh 2
+    .venv/bin/python benchmarks/scan.py --rescan --fit --baseline 6 --fresh 2 --ablation
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from harden.scan.classifier import probe_set  # noqa: E402
 from harden.scan.inversion import InversionConfig, invert_triggers  # noqa: E402
 
 STATS_FILE = ZOO_DIR / "scan_stats.json"
+SHORT = {"auc": "AUC", "cross_entropy": "CE", "false_positives_on_clean": "clean flagged", "missed_backdoors": "missed"}
 
 
 def _scan_all(zoo, clean_npz: Path, rescan: bool) -> dict:
@@ -79,6 +82,32 @@ def _baseline(entries, clean, cal) -> list[list]:
     return rows
 
 
+def _metrics(probabilities: list[float], labels: list[int]) -> dict:
+    """AUC, TrojAI cross-entropy, clean models flagged and backdoors missed at the verdict threshold."""
+    return {"auc": calibration.auc(probabilities, labels), "cross_entropy": calibration.cross_entropy(probabilities, labels),
+            "false_positives_on_clean": sum(1 for p, y in zip(probabilities, labels) if y == 0 and p >= calibration.THRESHOLD),
+            "missed_backdoors": sum(1 for p, y in zip(probabilities, labels) if y == 1 and p < calibration.THRESHOLD)}
+
+
+def _ablation(zoo, fresh, stats: dict) -> Table:
+    """The calibration without each structured statistic, held out like the shipped one (the zoo
+    by leave-one-out, the fresh zoo by the calibration fitted on the whole zoo)."""
+    rows, labels = [stats[e.name]["statistics"] for e in zoo], [int(e.backdoored) for e in zoo]
+    fresh_labels = [int(e.backdoored) for e in fresh]
+    structured = [name for name in calibration.FEATURES if name.endswith("_above_half")]
+    variants = [("shipped", calibration.FEATURES)] + [(f"without {name.removesuffix('_above_half')}", tuple(f for f in calibration.FEATURES if f != name))
+                                                      for name in structured]
+    table_rows, headers = [], ["features"]
+    for label, names in variants:
+        held_out = calibration.leave_one_out(rows, labels, names=names)
+        fitted = calibration.fit(rows, labels, "", names=names)
+        fresh_p = [fitted.probability(stats[e.name]["statistics"]) for e in fresh]
+        scores = [_metrics(held_out, labels)] + ([_metrics(fresh_p, fresh_labels)] if fresh else [])
+        table_rows.append([label] + [round(v, 3) for score in scores for v in score.values()])
+        headers[1:] = [f"{zoo_name} {SHORT[metric]}" for zoo_name, score in zip(("zoo", "fresh"), scores) for metric in score]
+    return Table("ablation: the calibration refitted without each structured statistic", headers, table_rows)
+
+
 def _clean_npz(clean, folder: Path) -> Path:
     """The defender's clean set as the .npz a user would pass to `harden scan --data`."""
     path = folder / "clean.npz"
@@ -93,10 +122,7 @@ def _scored(entries, stats: dict, probabilities: list[float], cal) -> tuple[list
     rows = [[e.name, "backdoor" if e.backdoored else "clean", e.target, round(p, 3), "backdoor" if p >= 0.5 else "clean",
              round(cal.probability(stats[e.name]["statistics"]), 3), round(stats[e.name]["seconds"], 1), stats[e.name]["steps"],
              round(stats[e.name]["peak_memory_mb"])] for e, p in zip(entries, probabilities)]
-    summary = {"models": len(labels), "backdoored": sum(labels), "auc": calibration.auc(probabilities, labels),
-               "cross_entropy": calibration.cross_entropy(probabilities, labels),
-               "false_positives_on_clean": sum(1 for p, y in zip(probabilities, labels) if y == 0 and p >= 0.5),
-               "missed_backdoors": sum(1 for p, y in zip(probabilities, labels) if y == 1 and p < 0.5),
+    summary = {"models": len(labels), "backdoored": sum(labels), **_metrics(probabilities, labels),
                "median_scan_s": float(np.median([stats[e.name]["seconds"] for e in entries]))}
     return rows, summary
 
@@ -108,6 +134,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=int, default=0, help="models of the zoo's holdout split to compare with plain Neural Cleanse")
     parser.add_argument("--fresh", type=int, default=0, metavar="N",
                         help="also build and score a fresh zoo (N new seeds per attack, 3N clean) with the shipped calibration")
+    parser.add_argument("--ablation", action="store_true", help="refit without each structured statistic and report held-out metrics")
     args = parser.parse_args()
     torch.set_num_threads(2)
     zoo = load_zoo()
@@ -126,6 +153,7 @@ def main() -> None:
         cal.save()
     tables = [Table("per model (p held out = leave-one-out)", ["model", "truth", "target", "p held out", "verdict", "p shipped", "seconds", "steps", "peak MB"], rows),
               Table("held-out calibration (leave-one-out)", ["metric", "value"], [[k, v] for k, v in summary.items()])]
+    fresh = []
     if args.fresh:
         fresh = load_zoo(fresh=args.fresh)
         with tempfile.TemporaryDirectory() as tmp:
@@ -135,6 +163,8 @@ def main() -> None:
         tables += [Table(f"fresh zoo (--fresh {args.fresh}): models the fit and the design never saw, shipped calibration",
                          ["model", "truth", "target", "p", "verdict", "p shipped", "seconds", "steps", "peak MB"], fresh_rows),
                    Table("fresh zoo", ["metric", "value"], [[k, v] for k, v in fresh_summary.items()])]
+    if args.ablation:
+        tables.append(_ablation(zoo, fresh, stats))
     if args.baseline:
         holdout = [e for e in zoo if e.split == "holdout"]
         picks = [e for e in holdout if e.backdoored][: args.baseline - args.baseline // 3] + [e for e in holdout if not e.backdoored][: args.baseline // 3]

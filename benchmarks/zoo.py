@@ -33,8 +33,8 @@ SPEC = InputSpec(3, 32, 32)
 ARCHS = ("small_cnn", "resnet8_narrow")
 LARGE_ARCHS = ("resnet18_cifar",)  # planned too, but built only when a benchmark asks for them (minutes per model on CPU)
 ATTACKS = ("grid_paste", "blend", "sig", "wanet:k=4,s=1.0")
-CLEAN_SEEDS = 12  # per architecture: the clean side of the calibration needs its own spread
-ATTACK_SEEDS = 4  # per attack and architecture
+CLEAN_SEEDS = 24  # per architecture: the clean side of the calibration needs its own spread
+ATTACK_SEEDS = 8  # per attack and architecture
 
 
 @dataclass
@@ -107,6 +107,8 @@ def load_zoo(select: Callable[[ZooModel], bool] = lambda entry: entry.arch in AR
     entries = []
     for planned in filter(select, zoo_plan(fresh)):
         entry = known.get(planned.name)
+        if entry is not None:
+            entry.split = planned.split  # a fresh model of an earlier plan may belong to the calibration zoo now
         if entry is None or not entry.path.exists():
             start = time.perf_counter()
             entry = build(planned, train, test)

@@ -84,13 +84,13 @@ class ScanResult:
         }
 
     def report(self, sarif_location: str | None = None) -> Report:
-        per_class_rows = [[c["target"], c["norm"], c["asr"], c["anomaly_index"], c["margin"], c["warp_asr"], "yes" if c["target"] in self.suspect_classes else ""]
-                          for c in self.per_class]
+        per_class_rows = [[c["target"], c["norm"], c["asr"], c["anomaly_index"], c["margin"], c["warp_asr"], c["stripe_asr"],
+                           "yes" if c["target"] in self.suspect_classes else ""] for c in self.per_class]
         check_rows = [[c.name, c.status, c.duration_s, c.message] for c in self.checks]
         p = "-" if self.p_backdoor is None else f"{self.p_backdoor:.3f}"
         tables = [Table("Checks", ["check", "status", "seconds", "result"], check_rows)]
         if per_class_rows:
-            tables.append(Table("Per class (trigger inversion)", ["class", "mask L1", "reversed ASR", "anomaly index", "max margin", "warp ASR", "suspect"], per_class_rows))
+            tables.append(Table("Per class (trigger inversion)", ["class", "mask L1", "reversed ASR", "anomaly index", "max margin", "warp ASR", "stripe ASR", "suspect"], per_class_rows))
         images: list[Image] = [image for check in self.checks for image in getattr(check, "images", [])]
         return Report("harden.scan/1", f"harden scan {self.model_uri}: {self.verdict} (p_backdoor {p})", self.to_dict(), tables,
                       checks=list(self.checks), images=images, sarif_location=sarif_location)
@@ -204,7 +204,7 @@ def scan_and_record(model: "str | ModelArtifact", params: dict[str, Any], sarif_
         metrics = {"p_backdoor": result.p_backdoor, "duration_s": result.duration_s, "peak_memory_mb": result.peak_memory_mb}
         if result.per_class:
             metrics["max_anomaly_index"] = max(c["anomaly_index"] for c in result.per_class)
-            mlflow.log_table({k: [c[k] for c in result.per_class] for k in ("target", "norm", "asr", "anomaly_index", "margin", "warp_asr")},
+            mlflow.log_table({k: [c[k] for c in result.per_class] for k in ("target", "norm", "asr", "anomaly_index", "margin", "warp_asr", "stripe_asr")},
                              "scan/per_class.json")
         tracking.log_metrics(metrics)
         tracking.log_report(report, "scan")

@@ -14,6 +14,10 @@ from harden.scan.base import FAILED, PASSED, Check, CheckResult, ScanContext, re
 from harden.scan.inversion import ClassTrigger, InversionConfig, invert_triggers
 from harden.scan.verdict import REACHED, THRESHOLD, Calibration
 
+# A stripe pattern reaches a clean small CNN's easiest class at up to ~0.85 (benchmarks/scan.py);
+# a SIG target at ~1.0. Only the latter ranks a class ahead of the smallest trigger.
+STRIPE_SUSPECT = 0.9
+
 
 RULE = "harden.backdoor.trigger-inversion"
 register_rule(
@@ -77,13 +81,22 @@ def anomaly_chart_png(classes: list[ClassTrigger], suspects: list[int]) -> bytes
     return buffer.getvalue()
 
 
+def _warped(trigger: ClassTrigger) -> bool:
+    return (trigger.warp_asr or 0.0) >= REACHED
+
+
+def _striped(trigger: ClassTrigger) -> bool:
+    return (trigger.stripe_asr or 0.0) >= STRIPE_SUSPECT
+
+
 def suspect_classes(classes: list[ClassTrigger], p_backdoor: float) -> list[int]:
     """Classes ranked by how easy they are to reach, when the model is suspect: classes reached
-    by a sub-pixel warp first (a warp backdoor's target needs no small mask), then by trigger size."""
+    by a sub-pixel warp first (a warp backdoor's target needs no small mask), then classes that
+    a stripe pattern sends nearly every image to (a SIG target), then by trigger size."""
     if p_backdoor < THRESHOLD:
         return []
-    ranked = sorted(classes, key=lambda c: (c.warp_asr < REACHED, c.norm, -c.margin))
-    flagged = [c.target for c in ranked if c.anomaly_index > 2.0 or c.warp_asr >= REACHED]
+    ranked = sorted(classes, key=lambda c: (not _warped(c), not _striped(c), c.norm, -c.margin))
+    flagged = [c.target for c in ranked if c.anomaly_index > 2.0 or _warped(c) or _striped(c)]
     return [ranked[0].target] + [t for t in flagged if t != ranked[0].target]
 
 

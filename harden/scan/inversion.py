@@ -16,10 +16,10 @@ What makes it fast is algorithmic, not kernel-level (see benchmarks/scan.py):
   active classes in one batched forward pass on CUDA.
 
 MM-BD-style maximum margins (label-free, cheap) complement the mask norm: a backdoor
-target class reaches an abnormally large logit margin from random starting images. Two
+target class reaches an abnormally large logit margin from random starting images. Three
 structured inversions (harden/scan/structured.py) cover what a mask cannot express:
-a warp backdoor's target is reached by a sub-pixel smooth warp, and a full-image additive
-backdoor's (SIG, blend) by a small separable pattern, where a clean model's classes are not.
+a warp backdoor's target is reached by a sub-pixel smooth warp, a SIG backdoor's by a small
+stripe pattern, and a blend's by a small separable pattern, where a clean model's classes are not.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harden.runtime import training_layout
-from harden.scan.structured import separable_success, warp_success
+from harden.scan.structured import separable_success, stripe_success, warp_success
 
 _EPS = 1e-7
 _TANH_SCALE = 2 - _EPS
@@ -62,10 +62,13 @@ class InversionConfig:
     verify_on_pool: bool = True  # the kept trigger must also succeed on the class's whole probe pool
     margin_starts: int = 3  # MM-BD random starts per class; 0 skips the margins
     margin_steps: int = 30
+    structured_batch_size: int = 8  # source images per warp or stripe step (8 finds the zoo's warps as 16 does, in 2/3 of the time)
     warp_steps: int = 10  # smooth-warp inversion toward every class; 0 skips it
-    warp_batch_size: int = 8  # source images per warp step (8 finds the zoo's warps as 16 does, in 2/3 of the time)
     warp_budget: float = 1.0  # largest pixel displacement of the inverted warp
     warp_grid: int = 4  # control points per side of the warp field (WaNet's k)
+    stripe_steps: int = 15  # stripe-pattern inversion (varying along the width) toward every class; 0 skips it
+    stripe_epsilon: float = 0.1  # its largest per-pixel change
+    stripe_lr: float = 0.3  # a SIG target needs the full amplitude: at 0.1, 15 steps barely get there
     separable_steps: int = 20  # separable full-image pattern toward the smallest-trigger class; 0 skips it
     separable_epsilon: float = 0.1  # its largest per-pixel change
 
@@ -74,7 +77,7 @@ class InversionConfig:
         """The reference behaviour: every class, a fixed number of steps, no early stop, a new best
         trigger whenever a minibatch succeeds, and none of harden's additions (pool check, margins, structured inversions)."""
         return cls(max_steps=steps, keep_fraction=1.0, early_stop=False, warmup_steps=steps, strategy="loop",
-                   verify_on_pool=False, margin_starts=0, warp_steps=0, separable_steps=0)
+                   verify_on_pool=False, margin_starts=0, warp_steps=0, stripe_steps=0, separable_steps=0)
 
 
 @dataclass
@@ -86,7 +89,10 @@ class ClassTrigger:
     succeeded: bool
     steps: int
     margin: float = 0.0  # MM-BD maximum margin reached for this class
-    warp_asr: float = 0.0  # attack success of the best sub-pixel smooth warp toward this class
+    # Attack success of the best sub-pixel smooth warp / small stripe pattern (SIG-like) toward this
+    # class; None when not measured (the class was dropped after the structured warm-up, or skipped).
+    warp_asr: float | None = None
+    stripe_asr: float | None = None
     anomaly_index: float = 0.0  # one-sided MAD index of the norm (below-median classes only)
     mask: torch.Tensor | None = field(default=None, repr=False)
     pattern: torch.Tensor | None = field(default=None, repr=False)
@@ -269,9 +275,11 @@ def invert_triggers(
     margins = max_margins(model, shape, num_classes, config, device=device, seed=seed)
     images, labels = images.to(device), labels.to(device)
     warps = warp_success(model, images, labels, num_classes, steps=config.warp_steps, budget_px=config.warp_budget,
-                         grid=config.warp_grid, batch_size=config.warp_batch_size, seed=seed)
-    for trigger, margin, warp in zip(classes, margins, warps):
-        trigger.margin, trigger.warp_asr = float(margin), float(warp)
+                         grid=config.warp_grid, batch_size=config.structured_batch_size, seed=seed)
+    stripes = stripe_success(model, images, labels, num_classes, steps=config.stripe_steps, epsilon=config.stripe_epsilon,
+                             lr=config.stripe_lr, batch_size=config.structured_batch_size, seed=seed)
+    for trigger, margin, warp, stripe in zip(classes, margins, warps, stripes):
+        trigger.margin, trigger.warp_asr, trigger.stripe_asr = float(margin), warp, stripe
     norms = np.array([c.norm for c in classes])
     for trigger, index in zip(classes, mad_anomaly(norms)):
         trigger.anomaly_index = float(max(index, 0.0))
@@ -331,6 +339,11 @@ def max_margins(model: nn.Module, shape: tuple[int, ...], num_classes: int, conf
     return best.view(num_classes, config.margin_starts).amax(1).tolist()
 
 
+def _best(successes) -> float:
+    """The highest measured success (0.0 when none was measured)."""
+    return float(max((v for v in successes if v is not None), default=0.0))
+
+
 def statistics(classes: list[ClassTrigger], shape: tuple[int, ...], target_separable_asr: float) -> dict[str, float]:
     """Model-level statistics the calibrated verdict is fitted on (see harden/scan/verdict.py);
     `target_separable_asr` is the separable pattern's success toward the smallest-trigger class."""
@@ -352,6 +365,7 @@ def statistics(classes: list[ClassTrigger], shape: tuple[int, ...], target_separ
         # The two signals agree on a backdoor's target: the class with the smallest trigger
         # also reaches an abnormal margin. On a clean model the largest margin is elsewhere.
         "target_margin_anomaly": float(margin_index[int(np.argmin([c.norm for c in classes]))]),
-        "warp_asr": float(max(c.warp_asr for c in classes)),
+        "warp_asr": _best(c.warp_asr for c in classes),
+        "stripe_asr": _best(c.stripe_asr for c in classes),
         "target_separable_asr": float(target_separable_asr),
     }
