@@ -14,8 +14,9 @@ from harden.scan.base import FAILED, PASSED, Check, CheckResult, ScanContext, re
 from harden.scan.inversion import ClassTrigger, InversionConfig, invert_triggers
 from harden.scan.verdict import REACHED, THRESHOLD, Calibration
 
-# A stripe pattern reaches a clean small CNN's easiest class at up to ~0.85 (benchmarks/scan.py);
-# a SIG target at ~1.0. Only the latter ranks a class ahead of the smallest trigger.
+# Stripes send ≥ 0.9 of the images to the SIG target on 17 of the zoo's 20 SIG models, and to some
+# class on 4 of its 60 clean models (benchmarks/scan.py). In a model already judged suspect, such
+# a class ranks ahead of the smallest trigger.
 STRIPE_SUSPECT = 0.9
 
 
