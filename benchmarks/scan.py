@@ -89,22 +89,23 @@ def _metrics(probabilities: list[float], labels: list[int]) -> dict:
             "missed_backdoors": sum(1 for p, y in zip(probabilities, labels) if y == 1 and p < calibration.THRESHOLD)}
 
 
-def _ablation(zoo, fresh, stats: dict) -> Table:
+def _ablation(zoo, fresh, stats: dict, held_out: list[float]) -> Table:
     """The calibration without each structured statistic, held out like the shipped one (the zoo
-    by leave-one-out, the fresh zoo by the calibration fitted on the whole zoo)."""
+    by leave-one-out, the fresh zoo by the calibration fitted on the whole zoo). `held_out` is the
+    shipped features' leave-one-out, already computed by the caller."""
     rows, labels = [stats[e.name]["statistics"] for e in zoo], [int(e.backdoored) for e in zoo]
-    fresh_labels = [int(e.backdoored) for e in fresh]
     structured = [name for name in calibration.FEATURES if name.endswith("_above_half")]
     variants = [("shipped", calibration.FEATURES)] + [(f"without {name.removesuffix('_above_half')}", tuple(f for f in calibration.FEATURES if f != name))
                                                       for name in structured]
-    table_rows, headers = [], ["features"]
+    headers = ["features"] + [f"{zoo_name} {short}" for zoo_name in ("zoo", "fresh")[: 1 + bool(fresh)] for short in SHORT.values()]
+    table_rows = []
     for label, names in variants:
-        held_out = calibration.leave_one_out(rows, labels, names=names)
-        fitted = calibration.fit(rows, labels, "", names=names)
-        fresh_p = [fitted.probability(stats[e.name]["statistics"]) for e in fresh]
-        scores = [_metrics(held_out, labels)] + ([_metrics(fresh_p, fresh_labels)] if fresh else [])
+        variant_held_out = held_out if names == calibration.FEATURES else calibration.leave_one_out(rows, labels, names=names)
+        scores = [_metrics(variant_held_out, labels)]
+        if fresh:
+            fitted = calibration.fit(rows, labels, "", names=names)
+            scores.append(_metrics([fitted.probability(stats[e.name]["statistics"]) for e in fresh], [int(e.backdoored) for e in fresh]))
         table_rows.append([label] + [round(v, 3) for score in scores for v in score.values()])
-        headers[1:] = [f"{zoo_name} {SHORT[metric]}" for zoo_name, score in zip(("zoo", "fresh"), scores) for metric in score]
     return Table("ablation: the calibration refitted without each structured statistic", headers, table_rows)
 
 
@@ -119,7 +120,7 @@ def _clean_npz(clean, folder: Path) -> Path:
 def _scored(entries, stats: dict, probabilities: list[float], cal) -> tuple[list[list], dict]:
     """Per-model rows and the zoo-level metrics (AUC, TrojAI cross-entropy, false positives, misses)."""
     labels = [int(e.backdoored) for e in entries]
-    rows = [[e.name, "backdoor" if e.backdoored else "clean", e.target, round(p, 3), "backdoor" if p >= 0.5 else "clean",
+    rows = [[e.name, "backdoor" if e.backdoored else "clean", e.target, round(p, 3), "backdoor" if p >= calibration.THRESHOLD else "clean",
              round(cal.probability(stats[e.name]["statistics"]), 3), round(stats[e.name]["seconds"], 1), stats[e.name]["steps"],
              round(stats[e.name]["peak_memory_mb"])] for e, p in zip(entries, probabilities)]
     summary = {"models": len(labels), "backdoored": sum(labels), **_metrics(probabilities, labels),
@@ -164,7 +165,7 @@ def main() -> None:
                          ["model", "truth", "target", "p", "verdict", "p shipped", "seconds", "steps", "peak MB"], fresh_rows),
                    Table("fresh zoo", ["metric", "value"], [[k, v] for k, v in fresh_summary.items()])]
     if args.ablation:
-        tables.append(_ablation(zoo, fresh, stats))
+        tables.append(_ablation(zoo, fresh, stats, held_out))
     if args.baseline:
         holdout = [e for e in zoo if e.split == "holdout"]
         picks = [e for e in holdout if e.backdoored][: args.baseline - args.baseline // 3] + [e for e in holdout if not e.backdoored][: args.baseline // 3]

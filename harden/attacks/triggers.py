@@ -1,8 +1,9 @@
 """Backdoor triggers as pure functions on pixel-space batches (N×C×H×W in [0, 1]).
 
 Used to build demo and benchmark zoos and to measure attack success; a defence needs no
-trigger, only the warp geometry (`warp_grid`), which the scan's warp inversion shares. A trigger is named by a spec string `name[:key=value,...]`, e.g.
-`grid_paste`, `grid_paste:size=4`, `blend:alpha=0.1,seed=3`, `wanet:k=4,s=0.5`.
+trigger, only the warp geometry (`warp_grid`), which the scan's warp inversion shares.
+A trigger is named by a spec string `name[:key=value,...]`, e.g. `grid_paste`,
+`grid_paste:size=4`, `blend:alpha=0.1,seed=3`, `wanet:k=4,s=0.5`.
 Constants follow the conventions in the algorithms reference (§8), regenerated here,
 with the reference code's wrap-around quirks left out (values are clipped).
 """
