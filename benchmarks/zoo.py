@@ -33,8 +33,8 @@ SPEC = InputSpec(3, 32, 32)
 ARCHS = ("small_cnn", "resnet8_narrow")
 LARGE_ARCHS = ("resnet18_cifar",)  # planned too, but built only when a benchmark asks for them (minutes per model on CPU)
 ATTACKS = ("grid_paste", "blend", "sig", "wanet:k=4,s=1.0")
-CLEAN_SEEDS = 24  # per architecture: the clean side of the calibration needs its own spread
-ATTACK_SEEDS = 8  # per attack and architecture
+CLEAN_SEEDS = 30  # per architecture: the clean side of the calibration needs its own spread
+ATTACK_SEEDS = 10  # per attack and architecture
 
 
 @dataclass

@@ -18,7 +18,7 @@ from tests.conftest import CustomNet, TinyEncoder, registry_snapshot, train_quic
 
 from harden import tracking
 from harden.attacks import Attack, PoisonedDataset
-from harden.data import load_data, split, to_uint8_arrays
+from harden.data import TensorDataset, load_data, split, to_uint8_arrays
 from harden.demo import DEMO_SPEC
 from harden.errors import HardenError, TrackingError
 from harden.evaluation import evaluate
@@ -26,6 +26,7 @@ from harden.models import create_model, load_model
 from harden.models.wrappers import PixelModel
 from harden.publish import publish
 from harden.purify import purify
+from harden.purify.base import BestCheckpoint, PurifyContext
 from harden.purify.nft import MaskedNetwork, find_mask_sites, lower_bounds, mixup_weight
 from harden.purify.triggers import AdditiveTrigger, ReversedTrigger, refreshed
 
@@ -105,6 +106,31 @@ def test_masks_fold_into_plain_weights_with_identical_outputs(build, placement, 
     assert sorted(name for name, _ in folded.net.named_parameters()) == names_before  # no extra parameters
     with torch.no_grad():
         assert torch.allclose(folded(x), expected, atol=1e-5)
+
+
+class ScriptedClassifier(torch.nn.Module):
+    """Answers image i (its pixels all equal i / 100) with `answers[i]`: the test sets its accuracy."""
+
+    def __init__(self, answers: list[int]):
+        super().__init__()
+        self.register_buffer("answers", torch.tensor(answers))
+
+    def forward(self, x):
+        index = (x[:, 0, 0, 0] * 100).round().long()
+        return torch.nn.functional.one_hot(self.answers[index], 2).float()
+
+
+def test_checkpoint_keeps_the_latest_epoch_within_one_validation_image_of_the_best():
+    labels = [0] * 10
+    validation = TensorDataset(torch.arange(10).float().div(100).view(10, 1, 1, 1).expand(10, 3, 4, 4), labels)
+    model = ScriptedClassifier(labels)  # before training: 10/10 right
+    checkpoint = BestCheckpoint(model, PurifyContext(None, validation, validation, [], torch.device("cpu"), 0))
+    for wrong in (1, 3, 2):  # 9/10 (one image below the best: a tie, so the later epoch wins), 7/10, 8/10
+        model.answers.copy_(torch.tensor([1] * wrong + [0] * (10 - wrong)))
+        checkpoint.update()
+    checkpoint.restore()
+    assert int(model.answers.sum()) == 1
+    assert [round(h["accuracy"], 1) for h in checkpoint.history] == [1.0, 0.9, 0.7, 0.8]
 
 
 def test_unknown_mask_granularity_is_refused():

@@ -129,14 +129,22 @@ def reversed_asr(module: nn.Module, data: LabelledDataset, triggers: list[Stamp]
 class BestCheckpoint:
     """Keeps the weights with the best validation score (accuracy minus reversed-trigger ASR).
 
-    Called after every epoch/round; `restore()` puts the best weights back at the end.
+    Called after every epoch/round; `restore()` puts the kept weights back at the end.
     Comparing on the held-out validation split is what makes "last epoch overfits a
-    few hundred images" and "an ascent step wrecked the model" recoverable."""
+    few hundred images" and "an ascent step wrecked the model" recoverable.
+
+    A score at most one validation image below the best so far counts as a tie, and ties go
+    to the later epoch, which has done more unlearning. With 18 validation images (a fifth of
+    90), one image moves the score by 0.056, and the strict maximum sometimes kept an early,
+    still backdoored epoch: on the zoo's 12 models and two draws of the clean set,
+    trigger-unlearn met the target on 20 of 24 that way and on 22 of 24 with this rule
+    (README: Purifying a model, Benchmark)."""
 
     def __init__(self, model: nn.Module, ctx: PurifyContext):
         self.model, self.ctx = model, ctx
         self.history: list[dict[str, float]] = []
         self.best_score = -float("inf")
+        self.tolerance = 1.0 / max(len(ctx.validation), 1) + 1e-9
         self.best_state: dict[str, torch.Tensor] | None = None
         self.update()
 
@@ -146,8 +154,8 @@ class BestCheckpoint:
         asr = reversed_asr(view, self.ctx.validation, self.ctx.triggers, self.ctx.device) or 0.0
         score = accuracy - asr
         self.history.append({"accuracy": accuracy, "reversed_asr": asr, "score": score})
-        if score >= self.best_score - 1e-9:  # ties go to the later epoch: same validation score, more unlearning
-            self.best_score = score
+        self.best_score = max(self.best_score, score)
+        if score >= self.best_score - self.tolerance:  # the latest epoch within one image of the best so far
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return score
 
