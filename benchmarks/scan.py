@@ -16,7 +16,7 @@ Builds (or re-uses) the zoo of benchmarks/zoo.py, scans every model through the 
   adds: the calibration refitted without it, held out on the zoo and on the fresh zoo (minutes:
   one nested leave-one-out per variant).
 
-    .venv/bin/python benchmarks/scan.py --rescan --fit --baseline 6 --fresh 2 --ablation
+    .venv/bin/python benchmarks/scan.py --rescan --fit --baseline 8 --fresh 2 --ablation
 """
 
 from __future__ import annotations

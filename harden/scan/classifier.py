@@ -14,8 +14,8 @@ from harden.scan.base import FAILED, PASSED, Check, CheckResult, ScanContext, re
 from harden.scan.inversion import ClassTrigger, InversionConfig, invert_triggers
 from harden.scan.verdict import REACHED, THRESHOLD, Calibration
 
-# Stripes send ≥ 0.9 of the images to the SIG target on 17 of the zoo's 20 SIG models, and to some
-# class on 4 of its 60 clean models (benchmarks/scan.py). In a model already judged suspect, such
+# Stripes send ≥ 0.9 of the images to the SIG target on 17 of the 20 SIG models, and to some class
+# on 4 of the 60 clean models, of the zoos this was chosen on (benchmarks/scan.py, 137 models). In a model already judged suspect, such
 # a class ranks ahead of the smallest trigger.
 STRIPE_SUSPECT = 0.9
 

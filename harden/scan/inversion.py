@@ -45,7 +45,7 @@ _TANH_SCALE = 2 - _EPS
 class InversionConfig:
     probe_per_class: int = 10  # clean probe images per class (a fifth is held out to score triggers)
     batch_size: int = 16  # source images per class per step
-    warmup_batch_size: int = 8  # per step during the warm-up that ranks the classes (a batch-8 step costs ~0.6 of a batch-16 one)
+    warmup_batch_size: int = 8  # per step of the warm-up that ranks the classes before pruning (a batch-8 step costs ~0.6 of a batch-16 one)
     lr: float = 0.2
     init_cost: float = 1e-2
     cost_up: float = 2.0
@@ -77,7 +77,7 @@ class InversionConfig:
     def plain_neural_cleanse(cls, steps: int = 300) -> "InversionConfig":
         """The reference behaviour: every class, a fixed number of steps, no early stop, a new best
         trigger whenever a minibatch succeeds, and none of harden's additions (pool check, margins, structured inversions)."""
-        return cls(max_steps=steps, keep_fraction=1.0, early_stop=False, warmup_steps=steps, warmup_batch_size=16, strategy="loop",
+        return cls(max_steps=steps, keep_fraction=1.0, early_stop=False, warmup_steps=steps, strategy="loop",
                    verify_on_pool=False, margin_starts=0, warp_steps=0, stripe_steps=0, separable_steps=0)
 
 

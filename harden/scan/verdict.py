@@ -28,9 +28,9 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 # toward any class (SIG), and a separable full-image pattern's success toward the smallest-trigger
 # class (blends). The reversed-trigger ASR is reported per class but did not help the fit.
 # The stripe statistic replaced the separable one as the SIG evidence: a clean small CNN's easiest
-# class is as reachable by a separable pattern (≥ 0.93 on 12 of the zoo's 30) as a SIG target; by
-# stripes far less often (≥ 0.9 on 4 of 30), and the SIG target is the class the stripes reach
-# best on 19 of 20 SIG models (benchmarks/scan.py).
+# class is as reachable by a separable pattern (≥ 0.93 on 12 of 30) as a SIG target; by stripes
+# far less often (≥ 0.9 on 4 of 30), and the SIG target is the class the stripes reach best on 19
+# of 20 SIG models (the zoos the stripes were chosen on, 137 models; benchmarks/scan.py).
 #
 # The structured statistics enter only by how far they exceed one half ("most images reach the
 # class"): they are evidence for their own trigger family, and a low value says nothing about a
