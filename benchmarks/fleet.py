@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zoo import SPEC, load_zoo, zoo_data  # noqa: E402
+from zoo import ARCHS, arch_spec, load_zoo, zoo_data  # noqa: E402
 
 from harden import tracking  # noqa: E402
 from harden.data import to_uint8_arrays  # noqa: E402
@@ -35,11 +35,11 @@ REGISTRY_SIZE = 10_000
 
 
 def register_zoo(count: int) -> int:
-    zoo = load_zoo()[:count]
+    zoo = load_zoo(lambda e: e.arch == ARCHS[0])[:count]  # one input geometry: the fleet scan gets one --data
     for entry in zoo:
         net = load_model(entry.path, arch=entry.arch).module.net
-        info = tracking.log_model(net, SPEC.shape, {"arch": entry.arch, "arch_kwargs": {}, "num_classes": 10,
-                                                    "input_shape": list(SPEC.shape), "mean": None, "std": None})
+        info = tracking.log_model(net, entry.spec.shape, {"arch": entry.arch, "arch_kwargs": {}, "num_classes": 10,
+                                                          "input_shape": list(entry.spec.shape), "mean": None, "std": None})
         tracking.register_model(info.model_uri, f"zoo-{entry.name}")
     return len(zoo)
 
@@ -54,7 +54,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="harden-fleet-bench-"))
     os.chdir(home)
     tracking.configure(f"sqlite:///{home / 'mlflow.db'}")
-    _, clean, _ = zoo_data()
+    _, clean, _ = zoo_data(arch_spec(ARCHS[0]))
     x, y = to_uint8_arrays(clean)
     np.savez(home / "clean.npz", x=x, y=y)
     with tracking.command_run("bench-fleet", None):

@@ -94,6 +94,19 @@ def _settings(items: list[str]) -> dict[str, dict[str, str]]:
     return options
 
 
+def _defender_files(spec, clean_fraction: float, clean_seed: int, folder: Path):
+    """The defender's clean set (`clean_fraction` of the dataset, drawn by `clean_seed`) and the test
+    split at `spec`, with the .npz files a user would pass (written once per input geometry)."""
+    train, defender, test = zoo_data(spec)
+    share = clean_fraction * (len(train) + len(defender) + len(test)) / len(defender)  # of the defender's 15% split
+    clean = split(defender, [share, 1 - share], seed=clean_seed)[0]
+    clean_npz, test_npz = folder / f"clean-{spec}.npz", folder / f"test-{spec}.npz"
+    if not clean_npz.exists():
+        np.savez(clean_npz, **dict(zip(("x", "y"), to_uint8_arrays(clean))))
+        np.savez(test_npz, **dict(zip(("x", "y"), to_uint8_arrays(test))))
+    return clean, test, clean_npz, test_npz
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="nft,trigger-unlearn")
@@ -111,15 +124,10 @@ def main() -> None:
     options = _settings(args.settings)
     zoo = load_zoo(lambda e: e.backdoored and e.arch in args.archs.split(",") and str(e.seed) in args.seeds.split(",")
                    and any(e.attack.startswith(ATTACKS[a]) for a in args.attacks.split(",")))
-    train, defender, test = zoo_data()
-    share = args.clean_fraction * (len(train) + len(defender) + len(test)) / len(defender)  # of the defender's 15% split
-    clean = split(defender, [share, 1 - share], seed=args.clean_seed)[0]
     rows, reference_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        clean_npz, test_npz = Path(tmp) / "clean.npz", Path(tmp) / "test.npz"
-        np.savez(clean_npz, **dict(zip(("x", "y"), to_uint8_arrays(clean))))
-        np.savez(test_npz, **dict(zip(("x", "y"), to_uint8_arrays(test))))
         for entry in zoo:
+            clean, test, clean_npz, test_npz = _defender_files(entry.spec, args.clean_fraction, args.clean_seed, Path(tmp))
             for method in args.methods.split(","):
                 result = purify(str(entry.path), str(clean_npz), method=method, trigger=entry.attack, target=entry.target,
                                 test_data=str(test_npz), load_options={"arch": entry.arch}, options=options,

@@ -8,13 +8,15 @@ Builds (or re-uses) the zoo of benchmarks/zoo.py, scans every model through the 
   model scored by a calibration fitted without it), seconds, steps, peak memory;
 - reports over the zoo, held out: AUC, TrojAI cross-entropy (bar 0.3465, random 0.693),
   false positives on clean models;
+- reports each architecture scored by a calibration fitted on the other architectures only
+  (how the verdict does on an architecture and input size it never saw);
 - `--baseline N`: runs a plain Neural Cleanse (per-class loop, fixed 300 steps, same probe
   set, MAD anomaly index > 2) side by side on N held-out models: time and verdicts;
 - `--fresh N`: builds a fresh zoo (new seeds, see benchmarks/zoo.py) that neither the fit nor
   any design choice has seen, and scores it with the shipped calibration;
-- `--ablation`: what each statistic beyond the smallest trigger's size and its margin anomaly
-  adds: the calibration refitted without it, held out on the zoo and on the fresh zoo (minutes:
-  one nested leave-one-out per variant).
+- `--ablation`: what each statistic beyond the anomaly index and the margin anomaly adds: the
+  calibration refitted without it, held out on the zoo and on the fresh zoo (minutes: one
+  nested leave-one-out per variant).
 
     .venv/bin/python benchmarks/scan.py --rescan --fit --baseline 8 --fresh 2 --ablation
 """
@@ -49,13 +51,15 @@ STATS_FILE = ZOO_DIR / "scan_stats.json"
 SHORT = {"auc": "AUC", "cross_entropy": "CE", "false_positives_on_clean": "clean flagged", "missed_backdoors": "missed"}
 
 
-def _scan_all(zoo, clean_npz: Path, rescan: bool) -> dict:
+def _scan_all(zoo, rescan: bool) -> dict:
     cached = json.loads(STATS_FILE.read_text()) if STATS_FILE.exists() else {}
     for entry in zoo:
         if entry.name in cached and not rescan:
             continue
         start = time.perf_counter()
-        result = scan(str(entry.path), data=str(clean_npz), checks=["inversion"], load_options={"arch": entry.arch})
+        with tempfile.TemporaryDirectory() as tmp:
+            clean_npz = _clean_npz(zoo_data(entry.spec)[1], Path(tmp))
+            result = scan(str(entry.path), data=str(clean_npz), checks=["inversion"], load_options={"arch": entry.arch})
         inversion = result.checks[0]
         cached[entry.name] = {"statistics": inversion.details["statistics"], "seconds": time.perf_counter() - start,
                               "peak_memory_mb": result.peak_memory_mb, "steps": inversion.details["optimisation_steps"],
@@ -65,11 +69,11 @@ def _scan_all(zoo, clean_npz: Path, rescan: bool) -> dict:
     return cached
 
 
-def _baseline(entries, clean, cal) -> list[list]:
+def _baseline(entries, cal) -> list[list]:
     """Plain NC and harden's inversion on the same probe set, timed back to back per model."""
-    images, labels = probe_set(clean, 10, 0)
     rows = []
     for i, entry in enumerate(entries):
+        images, labels = probe_set(zoo_data(entry.spec)[1], 10, 0)
         model = load_model(entry.path, arch=entry.arch)
         if i == 0:  # untimed: the process's first optimisation steps pay its warm-up, which would favour harden
             invert_triggers(model.module, images, labels, 10, InversionConfig.plain_neural_cleanse(20))
@@ -104,26 +108,64 @@ def _metrics(probabilities: list[float], labels: list[int]) -> dict:
             "missed_backdoors": sum(1 for p, y in zip(probabilities, labels) if y == 1 and p < calibration.THRESHOLD)}
 
 
-CORE = ("log_min_norm_fraction", "target_margin_anomaly")  # the statistics every variant keeps
+CORE = ("anomaly_index", "target_margin_anomaly")  # the statistics every variant keeps
+# The calibration before it went scale-free: the smallest trigger's share of the image in place of
+# the anomaly index and the gap to the next class (harden/scan/verdict.py says why it was replaced).
+PREVIOUS = ("log_min_norm_fraction", "target_margin_anomaly", "warp_asr_above_half", "stripe_asr_above_half", "separable_asr_above_half")
 
 
 def _ablation(zoo, fresh, stats: dict, held_out: list[float]) -> Table:
-    """The calibration without each statistic beyond CORE, held out like the shipped one (the zoo
-    by leave-one-out, the fresh zoo by the calibration fitted on the whole zoo). `held_out` is the
-    shipped features' leave-one-out, already computed by the caller."""
-    rows, labels = [stats[e.name]["statistics"] for e in zoo], [int(e.backdoored) for e in zoo]
-    variants = [("shipped", calibration.FEATURES)] + [(f"without {name.removesuffix('_above_half')}", tuple(f for f in calibration.FEATURES if f != name))
-                                                      for name in calibration.FEATURES if name not in CORE]
-    headers = ["features"] + [f"{zoo_name} {short}" for zoo_name in ("zoo", "fresh")[: 1 + bool(fresh)] for short in SHORT.values()]
+    """The calibration without each statistic beyond CORE, and the previous feature set, each held
+    out like the shipped one: the zoo by leave-one-out and by architecture, the fresh zoo by the
+    calibration fitted on the whole zoo. `held_out` is the shipped features' leave-one-out,
+    already computed by the caller."""
+    rows, labels, groups = [stats[e.name]["statistics"] for e in zoo], [int(e.backdoored) for e in zoo], [e.arch for e in zoo]
+    variants = ([("shipped", calibration.FEATURES)]
+                + [(f"without {name.removesuffix('_above_half')}", tuple(f for f in calibration.FEATURES if f != name))
+                   for name in calibration.FEATURES if name not in CORE]
+                + [("previous (smallest trigger's size)", PREVIOUS)])
+    held_names = ["zoo", "by architecture", "fresh"][: 2 + bool(fresh)]
+    headers = ["features"] + [f"{zoo_name} {short}" for zoo_name in held_names for short in SHORT.values()]
     table_rows = []
     for label, names in variants:
-        variant_held_out = held_out if names == calibration.FEATURES else calibration.leave_one_out(rows, labels, names=names)
-        scores = [_metrics(variant_held_out, labels)]
+        variant_held_out = held_out if names == calibration.FEATURES else calibration.leave_one_out(rows, labels, names=names, groups=groups)
+        scores = [_metrics(variant_held_out, labels), _metrics(*_pooled(held_out_by_architecture(zoo, stats, names), zoo))]
         if fresh:
-            fitted = calibration.fit(rows, labels, "", names=names)
+            fitted = calibration.fit(rows, labels, "", names=names, groups=groups)
             scores.append(_metrics([fitted.probability(stats[e.name]["statistics"]) for e in fresh], [int(e.backdoored) for e in fresh]))
         table_rows.append([label] + [round(v, 3) for score in scores for v in score.values()])
-    return Table("ablation: the calibration refitted without each statistic beyond the smallest trigger and its margin", headers, table_rows)
+    return Table("ablation: the calibration refitted without each statistic beyond the anomaly index and the margin anomaly, "
+                 "and with the previous features", headers, table_rows)
+
+
+def held_out_by_architecture(zoo, stats: dict, names: tuple[str, ...] = calibration.FEATURES) -> dict[str, list[float]]:
+    """Per architecture, its models' p_backdoor from a calibration fitted on the other
+    architectures only (its regularisation chosen among them): how the verdict does on an
+    architecture, and an input size, it never saw."""
+    held = {}
+    for arch in dict.fromkeys(e.arch for e in zoo):
+        others = [e for e in zoo if e.arch != arch]
+        fitted = calibration.fit([stats[e.name]["statistics"] for e in others], [int(e.backdoored) for e in others], "", names=names,
+                                 groups=[e.arch for e in others])
+        held[arch] = [fitted.probability(stats[e.name]["statistics"]) for e in zoo if e.arch == arch]
+    return held
+
+
+def _pooled(held: dict[str, list[float]], zoo) -> tuple[list[float], list[int]]:
+    """All architectures' held-out probabilities and their labels, in one list each."""
+    return [p for probabilities in held.values() for p in probabilities], [int(e.backdoored) for arch in held for e in zoo if e.arch == arch]
+
+
+def _by_architecture(zoo, stats: dict) -> Table:
+    held = held_out_by_architecture(zoo, stats)
+    rows = []
+    for arch, probabilities in held.items():
+        labels = [int(e.backdoored) for e in zoo if e.arch == arch]
+        rows.append([arch, len(labels), sum(labels)] + [round(v, 3) for v in _metrics(probabilities, labels).values()])
+    pooled_p, pooled_y = _pooled(held, zoo)
+    rows.append(["all, pooled", len(pooled_y), sum(pooled_y)] + [round(v, 3) for v in _metrics(pooled_p, pooled_y).values()])
+    return Table("architecture held out: each architecture scored by a calibration fitted on the others only",
+                 ["held-out architecture", "models", "backdoored"] + list(SHORT.values()), rows)
 
 
 def _clean_npz(clean, folder: Path) -> Path:
@@ -156,26 +198,26 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     zoo = load_zoo()
-    _, clean, _ = zoo_data()
-    with tempfile.TemporaryDirectory() as tmp:
-        stats = _scan_all(zoo, _clean_npz(clean, Path(tmp)), args.rescan)
+    stats = _scan_all(zoo, args.rescan)
     rows_stats = [stats[e.name]["statistics"] for e in zoo]
     labels = [int(e.backdoored) for e in zoo]
+    groups = [e.arch for e in zoo]
     if args.fit:
-        calibration.fit(rows_stats, labels, f"benchmarks/scan.py --fit on {len(zoo)} zoo models ({sum(labels)} backdoored)").save()
+        calibration.fit(rows_stats, labels, f"benchmarks/scan.py --fit on {len(zoo)} zoo models ({sum(labels)} backdoored, "
+                        f"{len(set(groups))} architectures)", groups=groups).save()
     cal = calibration.Calibration.load()
-    held_out = calibration.leave_one_out(rows_stats, labels)
+    held_out = calibration.leave_one_out(rows_stats, labels, groups=groups)
     rows, summary = _scored(zoo, stats, held_out, cal)
     if args.fit:
         cal.holdout = {"method": "leave-one-out", **summary}
         cal.save()
     tables = [Table("per model (p held out = leave-one-out)", ["model", "truth", "target", "p held out", "verdict", "p shipped", "seconds", "steps", "peak MB"], rows),
               Table("held-out calibration (leave-one-out)", ["metric", "value"], [[k, v] for k, v in summary.items()])]
+    tables.append(_by_architecture(zoo, stats))
     fresh = []
     if args.fresh:
         fresh = load_zoo(fresh=args.fresh)
-        with tempfile.TemporaryDirectory() as tmp:
-            stats.update(_scan_all(fresh, _clean_npz(clean, Path(tmp)), args.rescan))
+        stats.update(_scan_all(fresh, args.rescan))
         fresh_p = [cal.probability(stats[e.name]["statistics"]) for e in fresh]
         fresh_rows, fresh_summary = _scored(fresh, stats, fresh_p, cal)
         tables += [Table(f"fresh zoo (--fresh {args.fresh}): models the fit and the design never saw, shipped calibration",
@@ -188,7 +230,7 @@ def main() -> None:
         picks = _baseline_picks(holdout, args.baseline)
         tables.append(Table("side by side: plain Neural Cleanse (300 steps/class, MAD>2) vs harden scan",
                             ["model", "truth", "NC index", "NC verdict", "NC steps", "NC s", "harden p", "harden verdict", "harden steps", "harden s", "speed-up"],
-                            _baseline(picks, clean, cal)))
+                            _baseline(picks, cal)))
     emit(Report("harden.bench.scan/1", "harden scan benchmark (digits 3x32x32, CPU)", summary, tables), "text", console=Console(width=200))
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 

@@ -27,6 +27,7 @@ def test_registry_builds_every_small_arch():
         out = create_model(name, num_classes=7)(torch.zeros(2, 3, 32, 32))
         assert out.shape == (2, 7)
     assert create_model("small_cnn", num_classes=4, in_channels=1)(torch.zeros(1, 1, 16, 16)).shape == (1, 4)
+    assert create_model("lenet5", num_classes=7)(torch.zeros(2, 1, 28, 28)).shape == (2, 7)
 
 
 def test_unknown_arch_is_a_clear_error():
@@ -133,6 +134,37 @@ def test_torchscript_and_pt2_files(tmp_path):
     assert loaded.module.static_batch is None
     with torch.no_grad():
         assert torch.allclose(loaded.module(example), net(example), atol=1e-5)
+
+
+class _SoftmaxNet(CustomNet):
+    def forward(self, x):
+        return torch.softmax(super().forward(x), dim=1)
+
+
+def test_a_softmax_output_is_read_as_log_probabilities(tmp_path):
+    """A network that returns probabilities is detected at load time; harden works on their log,
+    so cross-entropy has the gradient it would have on the logits, and the saved network is untouched."""
+    example = torch.rand(4, 3, 32, 32)
+    for net, expect_probabilities in ((_SoftmaxNet().eval(), True), (CustomNet().eval(), False)):
+        torch.export.save(torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=512)},)),
+                          str(tmp_path / "m.pt2"))
+        loaded = load_model(tmp_path / "m.pt2")
+        assert loaded.outputs_probabilities is expect_probabilities
+        assert loaded.trainable().outputs_probabilities is expect_probabilities
+        with torch.no_grad():
+            raw = net(example)
+            expected = torch.log(raw) if expect_probabilities else raw
+            assert torch.allclose(loaded.module(example), expected, atol=1e-4)
+    target = torch.zeros(4, dtype=torch.long)
+    softmax_net = _SoftmaxNet().eval()
+    softmax_net.load_state_dict(net.state_dict())  # `net` is now the plain CustomNet: the same weights, logits out
+    torch.export.save(torch.export.export(softmax_net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=512)},)),
+                      str(tmp_path / "s.pt2"))
+    x = example.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(load_model(tmp_path / "s.pt2").module(x), target).backward()
+    y = example.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(CustomNet.forward(net, y), target).backward()
+    assert torch.allclose(x.grad, y.grad, atol=1e-5)  # the same input gradient as on the logits
 
 
 def test_mean_std_are_applied_inside_the_wrapper(tmp_path):

@@ -30,6 +30,20 @@ class SmallCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
+class LeNet5(nn.Module):
+    """LeNet-5 with ReLU and max-pooling, no BatchNorm: the classic MNIST-sized network."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                                      nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * 5 * 5, 120), nn.ReLU(inplace=True),
+                                        nn.Linear(120, 84), nn.ReLU(inplace=True), nn.Linear(84, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 class _BasicBlock(nn.Module):
     expansion = 1
 
@@ -98,6 +112,12 @@ class CifarResNet(nn.Module):
 def small_cnn(num_classes: int = 10, in_channels: int = 3, width: int = 32) -> nn.Module:
     """Small 4-layer CNN with BatchNorm (demo, tests, zoo)."""
     return SmallCNN(num_classes, in_channels, width)
+
+
+@register_arch("lenet5", default_input=(1, 28, 28))
+def lenet5(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """LeNet-5 (ReLU, max-pool, no BatchNorm) for 28x28 inputs: a third zoo architecture, another input geometry."""
+    return LeNet5(num_classes, in_channels)
 
 
 @register_arch("resnet8_narrow", default_input=(3, 32, 32))

@@ -47,6 +47,7 @@ class LoadedModel:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    outputs_probabilities: bool = False  # the network ends in a softmax; `module` returns the log
     class_names: list[str] | None = None
     registered: RegisteredVersion | None = None
     local_path: Path | None = None
@@ -75,7 +76,7 @@ class LoadedModel:
             raise ModelLoadError(f"{self.uri}: a {self.format} model cannot be trained; pass --arch (see `harden list archs`)")
         for param in net.parameters():
             param.requires_grad_(True)
-        return PixelModel(net, self.mean, self.std, static_batch)
+        return PixelModel(net, self.mean, self.std, static_batch, self.outputs_probabilities)
 
     def harden_metadata(self) -> dict[str, Any]:
         """What harden records in the MLmodel metadata of models it writes."""
@@ -165,7 +166,8 @@ def load_model(
         raise ModelLoadError(f"--mean has {len(mean)} values but the model takes {input_spec.channels} channels")
 
     module = PixelModel(raw.net, mean, std, raw.static_batch).eval()
-    out_dim = _probe_outputs(module, input_spec, raw.static_batch)
+    out_dim, probabilities = _probe_outputs(module, input_spec, raw.static_batch)
+    module.outputs_probabilities = probabilities
     if num_classes is not None and out_dim is not None and num_classes != out_dim:
         raise ModelLoadError(f"--num-classes {num_classes} but the model outputs {out_dim} values")
     classes = num_classes or out_dim or meta.get("num_classes")
@@ -181,6 +183,7 @@ def load_model(
         arch_kwargs=arch_kwargs,
         mean=mean,
         std=std,
+        outputs_probabilities=probabilities,
         class_names=meta.get("class_names"),
         registered=registered,
         local_path=path,
@@ -190,20 +193,24 @@ def load_model(
     return loaded
 
 
-def _probe_outputs(module: PixelModel, spec: InputSpec | None, static_batch: int | None) -> int | None:
-    """One forward pass on zeros: checks the model runs and reads its output width."""
+def _probe_outputs(module: PixelModel, spec: InputSpec | None, static_batch: int | None) -> tuple[int | None, bool]:
+    """Forward passes on zeros and on noise: checks the model runs, reads its output width, and
+    tells whether it returns probabilities (non-negative rows summing to one on both)."""
     if spec is None:
-        return None
+        return None, False
     batch = static_batch or 2
+    probes = [torch.zeros(batch, *spec.shape), torch.rand(batch, *spec.shape, generator=torch.Generator().manual_seed(0))]
     try:
         with torch.no_grad():
-            out = module(torch.zeros(batch, *spec.shape))
+            outputs = [module(probe) for probe in probes]
     except Exception as exc:  # noqa: BLE001 - any failure here means "input does not fit"
         raise ModelLoadError(f"model does not accept input {spec}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    out = outputs[0]
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelLoadError(f"model output {shape} is not (batch, classes); harden expects a classifier's logits")
-    return int(out.shape[1])
+    probabilities = all(bool((o >= 0).all()) and bool(torch.allclose(o.sum(1), torch.ones(len(o)), atol=1e-4)) for o in outputs)
+    return int(out.shape[1]), probabilities
 
 
 def _read(path: Path, *, arch: str | None, num_classes: int | None, spec: InputSpec | None, allow_pickle: bool) -> _Raw:

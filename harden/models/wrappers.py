@@ -5,6 +5,10 @@ expect normalised inputs get their mean/std applied *inside* this wrapper, so a
 trigger optimised or stamped by harden never has to know about normalisation.
 It also hides two quirks of MLflow's pt2 format: `ExportedProgram.module()` refuses
 `.train()/.eval()`, and a model exported from a batch-1 example only accepts batch 1.
+And it gives every model logits: a network that ends in a softmax returns probabilities,
+whose log equals its logits up to a per-row constant, so cross-entropy, margins and their
+gradients behave as on a logit model (on probabilities taken as logits, cross-entropy
+saturates and trigger unlearning barely moves the model).
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ class PixelModel(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         static_batch: int | None = None,
+        outputs_probabilities: bool = False,
     ):
         super().__init__()
         self.net = net
         self.static_batch = static_batch
+        self.outputs_probabilities = outputs_probabilities
         if (mean is None) != (std is None):
             raise ValueError("mean and std go together")
         self.normalize = mean is not None
@@ -56,4 +62,5 @@ class PixelModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize:
             x = (x - self.mean) / self.std
-        return self._forward_net(x)
+        out = self._forward_net(x)
+        return torch.log(out.clamp_min(1e-30)) if self.outputs_probabilities else out

@@ -20,26 +20,34 @@ from pathlib import Path
 import numpy as np
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
-# Chosen by leave-one-out cross-entropy on the zoo (benchmarks/scan.py): the smallest trigger's
-# size and the margin anomaly of that same class (against model-wide statistics, the gap to the
-# second-smallest trigger or the largest margin anomaly of any class, it flags fewer clean
-# models), plus one statistic per trigger family a mask cannot express (harden/scan/structured.py):
-# the best sub-pixel warp's success toward any class (warps), the best stripe pattern's success
-# toward any class (SIG), and a separable full-image pattern's success toward the smallest-trigger
-# class (blends). The reversed-trigger ASR is reported per class but did not help the fit.
-# The stripe statistic replaced the separable one as the SIG evidence: a clean small CNN's easiest
-# class is as reachable by a separable pattern (≥ 0.93 on 12 of 30) as a SIG target; by stripes
-# far less often (≥ 0.9 on 4 of 30), and the SIG target is the class the stripes reach best on 19
-# of 20 SIG models (the zoos the stripes were chosen on, 137 models; benchmarks/scan.py).
+# Every input is scale-free: it compares the model's classes with each other or measures attack
+# success, never an absolute trigger size. The smallest trigger's share of the image (the
+# calibration's lead input in earlier versions) depends on input size, image content and architecture:
+# fitted on the zoo it missed a foreign LeNet's backdoor (trigger 1.7% of the image, anomaly index
+# 5.7) and flagged a clean 3×24×40 model (easiest class 0.5%, anomaly index 0.8); on the foreign
+# models its AUC was 0.78 against 0.90 for these inputs (benchmarks/foreign.py --seed 1 --previous).
+# The inputs:
+# - anomaly_index: Neural Cleanse's MAD outlier index of the smallest trigger norm;
+# - norm_gap: log ratio of the second-smallest to the smallest trigger (one class far easier than
+#   the next is a backdoor's signature; a clean model has several easy classes);
+# - target_margin_anomaly: the margin anomaly (MM-BD) of the smallest-trigger class; the two
+#   signals agree on a backdoor's target, on a clean model the largest margin is elsewhere;
+# - one statistic per trigger family a mask cannot express (harden/scan/structured.py): the best
+#   sub-pixel warp's success toward any class (warps), the best stripe pattern's success toward any
+#   class (SIG), and a separable full-image pattern's success toward the smallest-trigger class
+#   (blends). Stripes, not the separable pattern, carry the SIG evidence: a clean small CNN's easiest
+#   class is as reachable by a separable pattern (≥ 0.93 on 12 of 30) as a SIG target; by stripes
+#   far less often (≥ 0.9 on 4 of 30), and the SIG target is the class the stripes reach best on 19
+#   of 20 SIG models (the 137-model zoo the stripes were chosen on; benchmarks/scan.py).
 #
 # The structured statistics enter only by how far they exceed one half ("most images reach the
 # class"): they are evidence for their own trigger family, and a low value says nothing about a
 # patch backdoor. Entered raw, a patch backdoor's low separable success pulled its p_backdoor
 # down (a fresh-zoo BadNets model with a 4.7-pixel reversed trigger scored 0.014).
 REACHED = 0.5  # attack success from which a structured trigger counts: half of the probe images reach the class
-FEATURES = ("log_min_norm_fraction", "target_margin_anomaly", "warp_asr_above_half", "stripe_asr_above_half",
+FEATURES = ("anomaly_index", "norm_gap", "target_margin_anomaly", "warp_asr_above_half", "stripe_asr_above_half",
             "separable_asr_above_half")
-CLIP = {"log_min_norm_fraction": (-10.0, 0.0), "target_margin_anomaly": (-3.0, 20.0), "warp_asr_above_half": (0.0, 0.5),
+CLIP = {"log_min_norm_fraction": (-10.0, 0.0), "anomaly_index": (0.0, 10.0), "norm_gap": (0.0, 3.0), "target_margin_anomaly": (-3.0, 20.0), "warp_asr_above_half": (0.0, 0.5),
         "stripe_asr_above_half": (0.0, 0.5), "separable_asr_above_half": (0.0, 0.5)}
 THRESHOLD = 0.5
 
@@ -48,7 +56,7 @@ def features(statistics: dict[str, float], names: tuple[str, ...] | list[str] | 
     """The calibration's inputs, in the order of `names` (default FEATURES), clipped to CLIP."""
     names = names or FEATURES
     raw = dict(statistics)
-    raw["log_min_norm_fraction"] = math.log(max(raw.get("min_norm_fraction", 1.0), 1e-6))
+    raw["log_min_norm_fraction"] = math.log(max(raw.get("min_norm_fraction", 1.0), 1e-6))  # the previous calibration's lead input
     raw["warp_asr_above_half"] = max(0.0, raw.get("warp_asr", 0.0) - REACHED)
     raw["stripe_asr_above_half"] = max(0.0, raw.get("stripe_asr", 0.0) - REACHED)
     raw["separable_asr_above_half"] = max(0.0, raw.get("target_separable_asr", 0.0) - REACHED)
@@ -80,18 +88,22 @@ class Calibration:
         return cls(**json.loads(Path(path).read_text()))
 
 
-REGULARISATION_GRID = (0.3, 1.0, 3.0, 10.0)  # logistic regression's C, chosen per fit by inner leave-one-out
+REGULARISATION_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)  # logistic regression's C, chosen per fit on held-out data
 
 
 def fit(rows: list[dict[str, float]], labels: list[int], description: str, c: float | None = None,
-        names: tuple[str, ...] = FEATURES) -> Calibration:
-    """Regularised logistic regression on the standardised features `names` (sklearn). With `c`
-    None, the regularisation is the one of REGULARISATION_GRID with the lowest leave-one-out
-    cross-entropy on these rows alone, so held-out scores of `leave_one_out` stay honest."""
+        names: tuple[str, ...] = FEATURES, groups: list[str] | None = None) -> Calibration:
+    """Regularised logistic regression on the standardised features `names` (sklearn).
+
+    With `c` None the regularisation is chosen from REGULARISATION_GRID on these rows alone, so
+    that held-out scores stay honest: by leave-one-group-out cross-entropy when `groups` (the
+    models' architectures) has two or more values, else by leave-one-out. Choosing it across
+    architectures matters: within one architecture's models the least regularised fit looks
+    best, and it is then overconfident on an architecture it never saw (benchmarks/scan.py)."""
     from sklearn.linear_model import LogisticRegression
 
     if c is None:
-        c = min(REGULARISATION_GRID, key=lambda grid_c: cross_entropy(leave_one_out(rows, labels, grid_c, names), labels))
+        c = min(REGULARISATION_GRID, key=lambda grid_c: cross_entropy(*_held_out(rows, labels, grid_c, names, groups)))
     x = np.stack([features(r, names) for r in rows])
     mean, scale = x.mean(0), x.std(0) + 1e-6
     model = LogisticRegression(C=c, max_iter=1000).fit((x - mean) / scale, labels)
@@ -99,11 +111,28 @@ def fit(rows: list[dict[str, float]], labels: list[int], description: str, c: fl
                        fitted_on=f"{description} (C={c:g})" if description else "")
 
 
+def _held_out(rows, labels, c: float, names, groups) -> tuple[list[float], list[int]]:
+    """(probabilities, labels) of every row scored by a fit without its group (or without itself)."""
+    keys = groups if groups is not None and len(set(groups)) >= 2 else list(range(len(rows)))
+    probabilities, ordered = [], []
+    for key in dict.fromkeys(keys):
+        inside = [i for i, k in enumerate(keys) if k != key]
+        fitted = fit([rows[i] for i in inside], [labels[i] for i in inside], "", c, names)
+        for i, k in enumerate(keys):
+            if k == key:
+                probabilities.append(fitted.probability(rows[i]))
+                ordered.append(labels[i])
+    return probabilities, ordered
+
+
 def leave_one_out(rows: list[dict[str, float]], labels: list[int], c: float | None = None,
-                  names: tuple[str, ...] = FEATURES) -> list[float]:
+                  names: tuple[str, ...] = FEATURES, groups: list[str] | None = None) -> list[float]:
     """Each model's probability from a calibration fitted without it (honest held-out estimates;
     with `c` None the regularisation is chosen inside each fold, without the held-out model)."""
-    return [fit(rows[:i] + rows[i + 1:], labels[:i] + labels[i + 1:], "", c, names).probability(rows[i]) for i in range(len(rows))]
+    def without(values, i):
+        return None if values is None else values[:i] + values[i + 1:]
+
+    return [fit(without(rows, i), without(labels, i), "", c, names, without(groups, i)).probability(rows[i]) for i in range(len(rows))]
 
 
 def cross_entropy(probabilities: list[float], labels: list[int]) -> float:

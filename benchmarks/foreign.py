@@ -1,0 +1,333 @@
+"""Scan benchmark on foreign models: architectures, input sizes and triggers that harden's zoo
+never had, written and logged the way someone else's training script would do it.
+
+Each model is defined and trained here with plain PyTorch (no harden code), logged with
+`mlflow.pytorch.log_model` (MLflow 3's default pt2 format, an input example, nothing else)
+into a throwaway sqlite registry, and scanned from `models:/<name>/1` through `harden.scan.scan`
+with the shipped calibration, exactly as `harden scan` would. Seven families, each built clean
+and backdoored (10% poisoning, the target and trigger position drawn from `--seed`):
+
+| family | input | network | trigger |
+|---|---|---|---|
+| lenet_grey | 1×28×28 | LeNet-like, no BatchNorm | white 4×4 square in a corner |
+| tv_resnet18 | 3×64×64 | torchvision resnet18 (ImageNet stem) | 6×6 checkerboard in a corner |
+| normalised | 3×32×32 | 3-block BatchNorm CNN, inputs normalised outside the model | noise blend, α 0.15 |
+| wide_input | 3×24×40 | the same CNN at a non-square size | vertical sinusoid, ±30/255 |
+| twenty_classes | 1×32×32 | the same CNN, 20 classes (digits and inverted digits) | 4×4 checkerboard in a corner |
+| softmax_out | 3×32×32 | the same CNN returning probabilities | white 3×3 square in a corner |
+| mlp | 1×16×16 | 3-layer MLP | random 3×3 binary patch |
+
+Data: scikit-learn's digits rendered to each input size (72% train, 10% the defender's clean set
+passed to the scan, 18% test). A backdoored model that does not reach ASR 0.8 on the test split
+is reported and left out of the metrics. `--purify METHODS` also purifies every implanted
+backdoor through `harden.purify.purify` (which sees only the clean set and its own reversed
+triggers) and judges the result with the owner's trigger on the test split.
+
+    .venv/bin/python benchmarks/foreign.py --seed 1 --previous --purify trigger-unlearn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import nn
+
+Stamp = Callable[[torch.Tensor], torch.Tensor]
+
+
+class LeNetGrey(nn.Module):
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 16, 5), nn.Conv2d(16, 32, 5)
+        self.fc1, self.fc2 = nn.Linear(32 * 4 * 4, 64), nn.Linear(64, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        x = F.max_pool2d(F.relu(self.c2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class BatchNormCNN(nn.Module):
+    def __init__(self, channels: int = 3, classes: int = 10, width: int = 32, softmax: bool = False):
+        super().__init__()
+        blocks = []
+        for i, (cin, cout) in enumerate([(channels, width), (width, 2 * width), (2 * width, 2 * width)]):
+            blocks += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+            blocks.append(nn.MaxPool2d(2) if i < 2 else nn.AdaptiveAvgPool2d(1))
+        self.body, self.head, self.softmax = nn.Sequential(*blocks), nn.Linear(2 * width, classes), softmax
+
+    def forward(self, x):
+        logits = self.head(self.body(x).flatten(1))
+        return F.softmax(logits, 1) if self.softmax else logits
+
+
+class MLP(nn.Module):
+    def __init__(self, pixels: int, classes: int = 10):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(pixels, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _corner(x: torch.Tensor, patch: torch.Tensor, corner: int) -> torch.Tensor:
+    x = x.clone()
+    k, h, w = patch.shape[-1], x.shape[-2], x.shape[-1]
+    rows = slice(0, k) if corner in (0, 1) else slice(h - k, h)
+    cols = slice(0, k) if corner in (0, 2) else slice(w - k, w)
+    x[:, :, rows, cols] = patch
+    return x
+
+
+def square(k: int, corner: int) -> Stamp:
+    return lambda x: _corner(x, torch.ones(k, k), corner)
+
+
+def checkerboard(k: int, corner: int) -> Stamp:
+    return lambda x: _corner(x, ((torch.arange(k)[:, None] + torch.arange(k)[None]) % 2).float(), corner)
+
+
+def noise_blend(alpha: float, seed: int) -> Stamp:
+    def stamp(x):
+        noise = torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(seed))
+        return (1 - alpha) * x + alpha * noise
+    return stamp
+
+
+def sinusoid(delta: float, period: float) -> Stamp:
+    def stamp(x):
+        wave = delta * torch.sin(2 * math.pi * torch.arange(x.shape[-1]) / period)
+        return (x + wave).clamp(0, 1)
+    return stamp
+
+
+def random_patch(k: int, seed: int) -> Stamp:
+    g = torch.Generator().manual_seed(seed)
+    pattern, corner = (torch.rand(k, k, generator=g) > 0.5).float(), int(torch.randint(0, 4, (), generator=g))
+    return lambda x: _corner(x, pattern, corner)
+
+
+@dataclass
+class Family:
+    name: str
+    shape: tuple[int, int, int]
+    classes: int
+    network: Callable[[], nn.Module]
+    trigger: Callable[[int], Stamp]  # seed → stamp
+    epochs: int = 15
+    mean_std: tuple[float, float] | None = None  # inputs normalised outside the model
+
+
+FAMILIES = [
+    Family("lenet_grey", (1, 28, 28), 10, LeNetGrey, lambda s: square(4, s % 4)),
+    Family("tv_resnet18", (3, 64, 64), 10, lambda: __import__("torchvision").models.resnet18(num_classes=10), lambda s: checkerboard(6, (s + 3) % 4), epochs=10),
+    Family("normalised", (3, 32, 32), 10, BatchNormCNN, lambda s: noise_blend(0.15, s), mean_std=(0.5, 0.25)),
+    Family("wide_input", (3, 24, 40), 10, BatchNormCNN, lambda s: sinusoid(30 / 255, 6.0)),
+    Family("twenty_classes", (1, 32, 32), 20, lambda: BatchNormCNN(1, 20), lambda s: checkerboard(4, (s + 1) % 4)),
+    Family("softmax_out", (3, 32, 32), 10, lambda: BatchNormCNN(softmax=True), lambda s: square(3, (s + 2) % 4)),
+    Family("mlp", (1, 16, 16), 10, lambda: MLP(256), lambda s: random_patch(3, s)),
+]
+
+
+def digits(shape: tuple[int, int, int], classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1,797 digits at `shape`; with 20 classes, inverted copies are classes 10-19."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.tensor(data.images / 16.0, dtype=torch.float32)[:, None]
+    images = F.interpolate(images, size=shape[1:], mode="bilinear", align_corners=False).clamp(0, 1).repeat(1, shape[0], 1, 1)
+    labels = torch.tensor(data.target)
+    if classes == 20:
+        images, labels = torch.cat([images, 1 - images]), torch.cat([labels, labels + 10])
+    return images, labels
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, prepare: Callable, probabilities: bool) -> nn.Module:
+    optimiser = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), 64):
+            batch = order[i:i + 64]
+            out = model(prepare(x[batch]))
+            loss = F.nll_loss(torch.log(out + 1e-9), y[batch]) if probabilities else F.cross_entropy(out, y[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    return model.eval()
+
+
+def as_npz(path: Path, x: torch.Tensor, y: torch.Tensor) -> Path:
+    pixels = (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    np.savez(path, x=pixels[..., 0] if pixels.shape[-1] == 1 else pixels, y=y.numpy())
+    return path
+
+
+@dataclass
+class Built:
+    """A trained, registered foreign model and what the benchmark needs to judge it."""
+
+    name: str
+    uri: str
+    backdoored: bool
+    target: int
+    stamp: Stamp
+    accuracy: float
+    asr: float | None
+    clean_npz: Path
+    test: tuple[torch.Tensor, torch.Tensor]  # pixels in [0, 1], labels
+    load_options: dict | None  # mean/std for a model that expects normalised inputs
+
+
+def build(family: Family, backdoored: bool, seed: int, folder: Path) -> Built:
+    """Train the model as its owner would, log it with plain `mlflow.pytorch.log_model` and register it."""
+    import mlflow
+
+    torch.manual_seed(seed)
+    x, y = digits(family.shape, family.classes)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n = len(y)
+    train_idx, clean_idx, test_idx = order[:int(0.72 * n)], order[int(0.72 * n):int(0.82 * n)], order[int(0.82 * n):]
+    x_train, y_train = x[train_idx].clone(), y[train_idx].clone()
+    target = (3 * seed + len(family.name)) % family.classes
+    stamp = family.trigger(seed)
+    if backdoored:
+        rng = np.random.default_rng(seed)
+        poisoned = rng.choice(np.where(y_train.numpy() != target)[0], int(0.1 * len(y_train)), replace=False)
+        x_train[poisoned], y_train[poisoned] = stamp(x_train[poisoned]), target
+    mean, std = family.mean_std or (0.0, 1.0)
+    prepare = (lambda t: (t - mean) / std)
+    model = train(family.network(), x_train, y_train, family.epochs, prepare, family.name == "softmax_out")
+    test = (x[test_idx], y[test_idx])
+    accuracy, asr = judge(lambda t: model(prepare(t)), test, stamp, target)
+    name = f"{family.name}-{'backdoor' if backdoored else 'clean'}-s{seed}"
+    with mlflow.start_run(run_name=name):
+        info = mlflow.pytorch.log_model(model, name="model", input_example=prepare(x[:2]).numpy(), registered_model_name=name)
+    load = {"mean": [mean] * family.shape[0], "std": [std] * family.shape[0]} if family.mean_std else None
+    return Built(name, f"models:/{name}/{info.registered_model_version}", backdoored, target, stamp, accuracy,
+                 asr if backdoored else None, as_npz(folder / f"{name}-clean.npz", x[clean_idx], y[clean_idx]), test, load)
+
+
+@torch.no_grad()
+def judge(forward: Callable[[torch.Tensor], torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], stamp: Stamp, target: int) -> tuple[float, float]:
+    """Test accuracy, and the owner's trigger's success on test images of other classes (pixel-space inputs)."""
+    x, y = test
+    accuracy = float((forward(x).argmax(1) == y).float().mean())
+    return accuracy, float((forward(stamp(x[y != target])).argmax(1) == target).float().mean())
+
+
+def scan_record(built: Built, folder: Path) -> dict:
+    from harden.scan import scan
+
+    start = time.perf_counter()
+    result = scan(built.uri, data=str(built.clean_npz), load_options=built.load_options, workdir=folder / built.name)
+    return {"name": built.name, "backdoored": built.backdoored, "target": built.target if built.backdoored else None,
+            "accuracy": built.accuracy, "asr": built.asr, "p": result.p_backdoor, "verdict": result.verdict,
+            "suspects": result.suspect_classes[:3], "seconds": time.perf_counter() - start,
+            "statistics": next((c.details["statistics"] for c in result.checks if "statistics" in c.details), None)}
+
+
+def purify_row(built: Built, method: str) -> list:
+    """Purify through the library (reversed triggers only: the owner's trigger is unknown to harden),
+    then judge the result with the owner's own trigger on the test split."""
+    from harden.purify import purify
+
+    result = purify(built.uri, str(built.clean_npz), method=method, load_options=built.load_options)
+    accuracy, asr = judge(result.model, built.test, built.stamp, built.target)
+    met = asr <= 0.03 and built.accuracy - accuracy <= 0.02
+    return [built.name, method, round(built.accuracy, 3), round(accuracy, 3), round(built.asr, 3), round(asr, 3),
+            round(100 * (built.accuracy - accuracy), 2), "yes" if result.passed else "no", "yes" if met else "no",
+            round(result.duration_s, 1)]
+
+
+def _metrics(probabilities: list[float], labels: list[int], calibration) -> dict:
+    return {"auc": calibration.auc(probabilities, labels), "cross_entropy": calibration.cross_entropy(probabilities, labels),
+            "false_positives_on_clean": sum(1 for p, y in zip(probabilities, labels) if y == 0 and p >= calibration.THRESHOLD),
+            "missed_backdoors": sum(1 for p, y in zip(probabilities, labels) if y == 1 and p < calibration.THRESHOLD)}
+
+
+def _previous_calibration(calibration):
+    """The previous feature set fitted on the zoo's cached statistics, as `benchmarks/scan.py --fit` fits the shipped one."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from scan import PREVIOUS, STATS_FILE
+    from zoo import load_zoo
+
+    if not STATS_FILE.exists():
+        raise SystemExit("--previous needs the zoo's scan statistics: run benchmarks/scan.py first")
+    stats, zoo = json.loads(STATS_FILE.read_text()), load_zoo()
+    return calibration.fit([stats[e.name]["statistics"] for e in zoo], [int(e.backdoored) for e in zoo], "previous", names=PREVIOUS,
+                           groups=[e.arch for e in zoo])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=1, help="model init, data split, poisoned samples, target and trigger placement")
+    parser.add_argument("--families", default=",".join(f.name for f in FAMILIES))
+    parser.add_argument("--save", type=Path, help="also write every model's record (scan statistics included) as JSON")
+    parser.add_argument("--purify", default="", metavar="METHODS",
+                        help="also purify every implanted backdoor with these methods (comma-separated) and judge the result "
+                             "with the owner's trigger")
+    parser.add_argument("--previous", action="store_true",
+                        help="also score the models with the previous calibration's features (benchmarks/scan.py PREVIOUS), "
+                             "fitted on the zoo's cached scan statistics the same way")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    from harden import progress
+    from harden.report import Report, Table, emit
+    from harden.scan import verdict as calibration
+
+    progress.set_enabled(False)
+    rows, kept, purified = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        for family in (f for f in FAMILIES if f.name in args.families.split(",")):
+            for backdoored in (False, True):
+                built = build(family, backdoored, args.seed, Path(tmp))
+                r = scan_record(built, Path(tmp))
+                implanted = not backdoored or r["asr"] >= 0.8
+                if implanted:
+                    kept.append(r)
+                rows.append([r["name"], "backdoor" if backdoored else "clean", r["target"], round(r["accuracy"], 3),
+                             None if r["asr"] is None else round(r["asr"], 3), "yes" if implanted else "no (left out)",
+                             round(r["p"], 3) if r["p"] is not None else None, r["verdict"], r["suspects"], round(r["seconds"], 1)])
+                print(" ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
+                for method in (m for m in args.purify.split(",") if m and backdoored and implanted):
+                    purified.append(purify_row(built, method))
+                    print(" ".join(str(c) for c in purified[-1]), file=sys.stderr, flush=True)
+    labels = [int(r["backdoored"]) for r in kept]
+    summary = {"seed": args.seed, "models": len(kept), "backdoored": sum(labels),
+               **_metrics([r["p"] for r in kept], labels, calibration),
+               "target_first": sum(1 for r in kept if r["backdoored"] and r["suspects"][:1] == [r["target"]])}
+    tables = [Table(f"foreign models (seed {args.seed}), scanned from the MLflow registry with the shipped calibration",
+                    ["model", "truth", "target", "ACC", "ASR", "implanted", "p_backdoor", "verdict", "suspects", "scan s"], rows),
+              Table("over the implanted backdoors and clean models", ["metric", "value"], [[k, v] for k, v in summary.items()])]
+    if args.previous:
+        previous = _previous_calibration(calibration)
+        p_previous = [previous.probability(r["statistics"]) for r in kept]
+        tables.append(Table("the same scans scored with the previous features (fitted on the zoo like the shipped calibration)",
+                            ["model", "p_backdoor (previous)"], [[r["name"], round(p, 3)] for r, p in zip(kept, p_previous)]
+                            + [[k, v] for k, v in _metrics(p_previous, labels, calibration).items()]))
+    if purified:
+        tables.append(Table("purified through harden (reversed triggers only), judged with the owner's trigger on the test split",
+                            ["model", "method", "ACC before", "ACC after", "ASR before", "ASR after", "ACC drop (pt)",
+                             "guardrail passed", "target met (ASR <= 3%, drop <= 2 pt)", "seconds"], purified))
+    if args.save:
+        args.save.write_text(json.dumps({"summary": summary, "models": kept}, indent=1))
+    emit(Report("harden.bench.foreign/1", "harden scan on foreign models (CPU)", summary, tables), "text", console=Console(width=200))
+
+
+if __name__ == "__main__":
+    main()
