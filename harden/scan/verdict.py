@@ -47,8 +47,9 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 REACHED = 0.5  # attack success from which a structured trigger counts: half of the probe images reach the class
 FEATURES = ("anomaly_index", "norm_gap", "target_margin_anomaly", "warp_asr_above_half", "stripe_asr_above_half",
             "separable_asr_above_half")
-CLIP = {"log_min_norm_fraction": (-10.0, 0.0), "anomaly_index": (0.0, 10.0), "norm_gap": (0.0, 3.0), "target_margin_anomaly": (-3.0, 20.0), "warp_asr_above_half": (0.0, 0.5),
-        "stripe_asr_above_half": (0.0, 0.5), "separable_asr_above_half": (0.0, 0.5)}
+CLIP = {"anomaly_index": (0.0, 10.0), "norm_gap": (0.0, 3.0), "target_margin_anomaly": (-3.0, 20.0),
+        "warp_asr_above_half": (0.0, 0.5), "stripe_asr_above_half": (0.0, 0.5), "separable_asr_above_half": (0.0, 0.5),
+        "log_min_norm_fraction": (-10.0, 0.0)}  # the last: benchmarks/scan.py PREVIOUS only
 THRESHOLD = 0.5
 
 
