@@ -20,13 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zoo import ARCHS, arch_spec, load_zoo, zoo_data  # noqa: E402
+from zoo import ARCHS, arch_spec, load_zoo, write_npz, zoo_data  # noqa: E402
 
 from harden import tracking  # noqa: E402
-from harden.data import to_uint8_arrays  # noqa: E402
 from harden.fleet import scan_registry  # noqa: E402
 from harden.models import load_model  # noqa: E402
 from harden.report import Report, Table, emit  # noqa: E402
@@ -54,9 +52,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="harden-fleet-bench-"))
     os.chdir(home)
     tracking.configure(f"sqlite:///{home / 'mlflow.db'}")
-    _, clean, _ = zoo_data(arch_spec(ARCHS[0]))
-    x, y = to_uint8_arrays(clean)
-    np.savez(home / "clean.npz", x=x, y=y)
+    write_npz(zoo_data(arch_spec(ARCHS[0]))[1], home / "clean.npz")
     with tracking.command_run("bench-fleet", None):
         count = register_zoo(args.models)
 

@@ -253,15 +253,8 @@ def purify_row(built: Built, method: str) -> list:
             round(result.duration_s, 1)]
 
 
-def _metrics(probabilities: list[float], labels: list[int], calibration) -> dict:
-    return {"auc": calibration.auc(probabilities, labels), "cross_entropy": calibration.cross_entropy(probabilities, labels),
-            "false_positives_on_clean": sum(1 for p, y in zip(probabilities, labels) if y == 0 and p >= calibration.THRESHOLD),
-            "missed_backdoors": sum(1 for p, y in zip(probabilities, labels) if y == 1 and p < calibration.THRESHOLD)}
-
-
 def _previous_calibration(calibration):
     """The previous feature set fitted on the zoo's cached statistics, as `benchmarks/scan.py --fit` fits the shipped one."""
-    sys.path.insert(0, str(Path(__file__).parent))
     from scan import PREVIOUS, STATS_FILE
     from zoo import load_zoo
 
@@ -285,6 +278,9 @@ def main() -> None:
                              "fitted on the zoo's cached scan statistics the same way")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from scan import verdict_metrics
+
     from harden import progress
     from harden.report import Report, Table, emit
     from harden.scan import verdict as calibration
@@ -309,7 +305,7 @@ def main() -> None:
                     print(" ".join(str(c) for c in purified[-1]), file=sys.stderr, flush=True)
     labels = [int(r["backdoored"]) for r in kept]
     summary = {"seed": args.seed, "models": len(kept), "backdoored": sum(labels),
-               **_metrics([r["p"] for r in kept], labels, calibration),
+               **verdict_metrics([r["p"] for r in kept], labels),
                "target_first": sum(1 for r in kept if r["backdoored"] and r["suspects"][:1] == [r["target"]])}
     tables = [Table(f"foreign models (seed {args.seed}), scanned from the MLflow registry with the shipped calibration",
                     ["model", "truth", "target", "ACC", "ASR", "implanted", "p_backdoor", "verdict", "suspects", "scan s"], rows),
@@ -319,7 +315,7 @@ def main() -> None:
         p_previous = [previous.probability(r["statistics"]) for r in kept]
         tables.append(Table("the same scans scored with the previous features (fitted on the zoo like the shipped calibration)",
                             ["model", "p_backdoor (previous)"], [[r["name"], round(p, 3)] for r, p in zip(kept, p_previous)]
-                            + [[k, v] for k, v in _metrics(p_previous, labels, calibration).items()]))
+                            + [[k, v] for k, v in verdict_metrics(p_previous, labels).items()]))
     if purified:
         tables.append(Table("purified through harden (reversed triggers only), judged with the owner's trigger on the test split",
                             ["model", "method", "ACC before", "ACC after", "ASR before", "ASR after", "ACC drop (pt)",

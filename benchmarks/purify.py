@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zoo import load_zoo, zoo_data  # noqa: E402
+from zoo import load_zoo, write_npz, zoo_data  # noqa: E402
 
 from harden import progress  # noqa: E402
-from harden.data import make_loader, split, to_uint8_arrays  # noqa: E402
+from harden.data import make_loader, split  # noqa: E402
 from harden.evaluation import der, evaluate  # noqa: E402
 from harden.models import load_model  # noqa: E402
 from harden.purify import purify  # noqa: E402
@@ -102,8 +102,8 @@ def _defender_files(spec, clean_fraction: float, clean_seed: int, folder: Path):
     clean = split(defender, [share, 1 - share], seed=clean_seed)[0]
     clean_npz, test_npz = folder / f"clean-{spec}.npz", folder / f"test-{spec}.npz"
     if not clean_npz.exists():
-        np.savez(clean_npz, **dict(zip(("x", "y"), to_uint8_arrays(clean))))
-        np.savez(test_npz, **dict(zip(("x", "y"), to_uint8_arrays(test))))
+        write_npz(clean, clean_npz)
+        write_npz(test, test_npz)
     return clean, test, clean_npz, test_npz
 
 

@@ -37,9 +37,8 @@ import torch
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zoo import ZOO_DIR, load_zoo, zoo_data  # noqa: E402
+from zoo import ZOO_DIR, load_zoo, write_npz, zoo_data  # noqa: E402
 
-from harden.data import to_uint8_arrays  # noqa: E402
 from harden.models import load_model  # noqa: E402
 from harden.report import Report, Table, emit  # noqa: E402
 from harden.scan import scan  # noqa: E402
@@ -53,19 +52,21 @@ SHORT = {"auc": "AUC", "cross_entropy": "CE", "false_positives_on_clean": "clean
 
 def _scan_all(zoo, rescan: bool) -> dict:
     cached = json.loads(STATS_FILE.read_text()) if STATS_FILE.exists() else {}
-    for entry in zoo:
-        if entry.name in cached and not rescan:
-            continue
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            clean_npz = _clean_npz(zoo_data(entry.spec)[1], Path(tmp))
-            result = scan(str(entry.path), data=str(clean_npz), checks=["inversion"], load_options={"arch": entry.arch})
-        inversion = result.checks[0]
-        cached[entry.name] = {"statistics": inversion.details["statistics"], "seconds": time.perf_counter() - start,
-                              "peak_memory_mb": result.peak_memory_mb, "steps": inversion.details["optimisation_steps"],
-                              "suspects": inversion.details["suspect_classes"], "per_class": inversion.details["per_class"]}
-        print(f"scanned {entry.name} in {cached[entry.name]['seconds']:.1f}s", flush=True)
-        STATS_FILE.write_text(json.dumps(cached, indent=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        clean_files: dict = {}  # input geometry → the defender's clean set as .npz, written once
+        for entry in zoo:
+            if entry.name in cached and not rescan:
+                continue
+            if entry.spec not in clean_files:
+                clean_files[entry.spec] = write_npz(zoo_data(entry.spec)[1], Path(tmp) / f"clean-{entry.spec}.npz")
+            start = time.perf_counter()
+            result = scan(str(entry.path), data=str(clean_files[entry.spec]), checks=["inversion"], load_options={"arch": entry.arch})
+            inversion = result.checks[0]
+            cached[entry.name] = {"statistics": inversion.details["statistics"], "seconds": time.perf_counter() - start,
+                                  "peak_memory_mb": result.peak_memory_mb, "steps": inversion.details["optimisation_steps"],
+                                  "suspects": inversion.details["suspect_classes"], "per_class": inversion.details["per_class"]}
+            print(f"scanned {entry.name} in {cached[entry.name]['seconds']:.1f}s", flush=True)
+            STATS_FILE.write_text(json.dumps(cached, indent=1))
     return cached
 
 
@@ -101,7 +102,7 @@ def _baseline_picks(holdout, n: int) -> list:
     return [m for group in itertools.zip_longest(*per_arch) for m in group if m is not None][:n]
 
 
-def _metrics(probabilities: list[float], labels: list[int]) -> dict:
+def verdict_metrics(probabilities: list[float], labels: list[int]) -> dict:
     """AUC, TrojAI cross-entropy, clean models flagged and backdoors missed at the verdict threshold."""
     return {"auc": calibration.auc(probabilities, labels), "cross_entropy": calibration.cross_entropy(probabilities, labels),
             "false_positives_on_clean": sum(1 for p, y in zip(probabilities, labels) if y == 0 and p >= calibration.THRESHOLD),
@@ -129,10 +130,10 @@ def _ablation(zoo, fresh, stats: dict, held_out: list[float]) -> Table:
     table_rows = []
     for label, names in variants:
         variant_held_out = held_out if names == calibration.FEATURES else calibration.leave_one_out(rows, labels, names=names, groups=groups)
-        scores = [_metrics(variant_held_out, labels), _metrics(*_pooled(held_out_by_architecture(zoo, stats, names), zoo))]
+        scores = [verdict_metrics(variant_held_out, labels), verdict_metrics(*_pooled(held_out_by_architecture(zoo, stats, names), zoo))]
         if fresh:
             fitted = calibration.fit(rows, labels, "", names=names, groups=groups)
-            scores.append(_metrics([fitted.probability(stats[e.name]["statistics"]) for e in fresh], [int(e.backdoored) for e in fresh]))
+            scores.append(verdict_metrics([fitted.probability(stats[e.name]["statistics"]) for e in fresh], [int(e.backdoored) for e in fresh]))
         table_rows.append([label] + [round(v, 3) for score in scores for v in score.values()])
     return Table("ablation: the calibration refitted without each statistic beyond the anomaly index and the margin anomaly, "
                  "and with the previous features", headers, table_rows)
@@ -161,19 +162,11 @@ def _by_architecture(zoo, stats: dict) -> Table:
     rows = []
     for arch, probabilities in held.items():
         labels = [int(e.backdoored) for e in zoo if e.arch == arch]
-        rows.append([arch, len(labels), sum(labels)] + [round(v, 3) for v in _metrics(probabilities, labels).values()])
+        rows.append([arch, len(labels), sum(labels)] + [round(v, 3) for v in verdict_metrics(probabilities, labels).values()])
     pooled_p, pooled_y = _pooled(held, zoo)
-    rows.append(["all, pooled", len(pooled_y), sum(pooled_y)] + [round(v, 3) for v in _metrics(pooled_p, pooled_y).values()])
+    rows.append(["all, pooled", len(pooled_y), sum(pooled_y)] + [round(v, 3) for v in verdict_metrics(pooled_p, pooled_y).values()])
     return Table("architecture held out: each architecture scored by a calibration fitted on the others only",
                  ["held-out architecture", "models", "backdoored"] + list(SHORT.values()), rows)
-
-
-def _clean_npz(clean, folder: Path) -> Path:
-    """The defender's clean set as the .npz a user would pass to `harden scan --data`."""
-    path = folder / "clean.npz"
-    x, y = to_uint8_arrays(clean)
-    np.savez(path, x=x, y=y)
-    return path
 
 
 def _scored(entries, stats: dict, probabilities: list[float], cal) -> tuple[list[list], dict]:
@@ -182,7 +175,7 @@ def _scored(entries, stats: dict, probabilities: list[float], cal) -> tuple[list
     rows = [[e.name, "backdoor" if e.backdoored else "clean", e.target, round(p, 3), "backdoor" if p >= calibration.THRESHOLD else "clean",
              round(cal.probability(stats[e.name]["statistics"]), 3), round(stats[e.name]["seconds"], 1), stats[e.name]["steps"],
              round(stats[e.name]["peak_memory_mb"])] for e, p in zip(entries, probabilities)]
-    summary = {"models": len(labels), "backdoored": sum(labels), **_metrics(probabilities, labels),
+    summary = {"models": len(labels), "backdoored": sum(labels), **verdict_metrics(probabilities, labels),
                "median_scan_s": float(np.median([stats[e.name]["seconds"] for e in entries]))}
     return rows, summary
 

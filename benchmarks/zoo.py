@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 from harden.attacks import Attack, PoisonedDataset
-from harden.data import LabelledDataset, load_data, split
+from harden.data import LabelledDataset, load_data, split, to_uint8_arrays
 from harden.evaluation import evaluate
 from harden.models import InputSpec, create_model, get_arch
 from harden.models.loader import load_model
@@ -73,6 +73,15 @@ def arch_spec(arch: str) -> InputSpec:
 def zoo_data(spec: InputSpec = arch_spec(ARCHS[0]), seed: int = 0) -> tuple[LabelledDataset, LabelledDataset, LabelledDataset]:
     """(train, defender's clean set, test) at `spec`: the same split of the digits for every zoo model."""
     return tuple(split(load_data("digits", spec, num_classes=10), [0.7, 0.15, 0.15], seed=seed))  # type: ignore[return-value]
+
+
+def write_npz(data: LabelledDataset, path: Path) -> Path:
+    """`data` as the uint8 .npz (x, y) a user would pass to `harden scan/purify --data`."""
+    import numpy as np
+
+    x, y = to_uint8_arrays(data)
+    np.savez(path, x=x, y=y)
+    return path
 
 
 def zoo_plan(fresh: int = 0) -> list[ZooModel]:
