@@ -30,8 +30,9 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path):
     model, history = ddp_fit.train()
     out = tmp_path / "weights"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    str(HERE / "ddp_fit.py"), str(out)], check=True, env=env, timeout=180, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(HERE / "ddp_fit.py"), str(out)], env=env, timeout=180, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(f"{out}.rank{r}", weights_only=True) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["backend"] == "gloo"
     for name, tensor in model.state_dict().items():
