@@ -129,7 +129,8 @@ def _keep_alive_until_exit(work: object) -> None:
     reference to the work (and to the earlier collectives the barrier waited on, whose tensors
     belong to Python) a moment later. When that moment falls after the interpreter has started
     to exit, the thread cannot take the GIL and the process aborts ("terminate called without
-    an active exception", SIGABRT; 4 of 30 two-process CPU runs here, cf. pytorch/pytorch#179291).
+    an active exception", SIGABRT; 2 of 30 launches of benchmarks/torchrun_exit.py, cf.
+    pytorch/pytorch#179291).
     One deliberately leaked reference per process makes the worker's release a plain decrement.
     """
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(work))
