@@ -133,6 +133,30 @@ def test_checkpoint_keeps_the_latest_epoch_within_one_validation_image_of_the_be
     assert [round(h["accuracy"], 1) for h in checkpoint.history] == [1.0, 0.9, 0.7, 0.8]
 
 
+class SignClassifier(torch.nn.Module):
+    """Class 0 while its one weight is positive, class 1 otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        return torch.stack([self.weight.expand(len(x)), torch.zeros(len(x))], 1)
+
+
+def test_checkpoint_validates_and_keeps_the_running_average_not_the_raw_weights():
+    validation = TensorDataset(torch.zeros(4, 3, 4, 4), [0] * 4)
+    model = SignClassifier()
+    checkpoint = BestCheckpoint(model, PurifyContext(None, validation, validation, [], torch.device("cpu"), 0), average=0.9)
+    with torch.no_grad():
+        model.weight.fill_(-1.0)  # an optimiser step that gets every validation image wrong
+    checkpoint.step()  # the average: 0.9 * 1 + 0.1 * (-1)
+    assert checkpoint.update() == 1.0  # scored on the average, which still answers 0
+    assert float(model.weight) == -1.0  # training goes on from the raw weights
+    checkpoint.restore()
+    assert float(model.weight) == pytest.approx(0.8)
+
+
 def test_unknown_mask_granularity_is_refused():
     model = PixelModel(GateNet()).eval()
     sites = find_mask_sites(model, torch.rand(1, 3, 32, 32))

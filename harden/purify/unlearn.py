@@ -3,9 +3,10 @@
 
 The reversed trigger stands in for the unknown real one; training the model to ignore
 it breaks the trigger → target shortcut. Every `refresh_epochs` the bounded additive
-triggers are re-optimised against the model being trained (see `refreshed`), so the
+triggers are re-optimised against the model being trained (see `TriggerChaser`), so the
 unlearning chases what is left of a full-image backdoor instead of one fixed δ. The
-best epoch is chosen on the validation split. `distill` adds distillation toward the
+candidates for the kept model are a running average of the weights (`average`, see
+BestCheckpoint), the best epoch chosen on the validation split. `distill` adds distillation toward the
 source model on the unstamped rows; it is off by default because on the zoo it held
 the purified model close to the backdoored one (small-CNN BadNets ASR 0.050 with it,
 0.012 without) and accuracy did not need it.
@@ -28,7 +29,8 @@ class TriggerUnlearn(Method):
     description = "fine-tune on clean data stamped with the reversed trigger(s), true labels, distilled toward the source"
     defaults = {"epochs": 40, "lr": 5e-4, "batch_size": 64, "optimizer": "adam", "trigger_fraction": 0.3, "distill": 0.0,
                 "bn_mode": "update", "beta": 1.0,  # beta: weight of RECEIVE's alignment term (encoders)
-                "refresh_epochs": 4, "refresh_steps": 10}  # re-optimise the additive triggers every N epochs (0: never)
+                "refresh_epochs": 4, "refresh_steps": 10,  # re-optimise the additive triggers every N epochs (0: never)
+                "average": 0.9}  # per-step decay of the weight average that is validated and kept (0: the raw weights)
 
     def run(self, ctx: PurifyContext) -> MethodOutput:
         params = dict(ctx.settings)
@@ -51,10 +53,16 @@ class TriggerUnlearn(Method):
         loss_fn = classifier_loss
         if ctx.task == "encoder":
             loss_fn = receive_unlearning_loss(ctx.triggers, params["trigger_fraction"], params["beta"], params["distill"], teacher, generator)
-        checkpoint = BestCheckpoint(model, ctx)
+        checkpoint = BestCheckpoint(model, ctx, params["average"])
+
+        def after_step() -> None:
+            if ctx.task == "classifier":
+                chaser.step()
+            checkpoint.step()
+
         config = TrainConfig(epochs=params["epochs"], lr=params["lr"], batch_size=params["batch_size"],
                              optimizer=params["optimizer"], seed=ctx.seed, freeze_norm_stats=params["bn_mode"] == "freeze")
         fit(model, ctx.train, config, loss_fn=loss_fn, device=ctx.device, on_epoch_end=checkpoint.update,
-            after_step=chaser.step if ctx.task == "classifier" else None, description="unlearning reversed trigger")
+            after_step=after_step, description="unlearning reversed trigger")
         checkpoint.restore()
         return MethodOutput(model, {**params, "triggers": [t.to_dict() for t in ctx.triggers]}, checkpoint.history)
