@@ -309,6 +309,7 @@ def test_unknown_pt2_architecture_is_purified_and_stays_pt2(mlflow_home, digits_
 @pytest.mark.parametrize("args, message", [
     (["--set", "wobble=3"], "unknown setting"),
     (["--set", "epochs=many"], "expected int"),
+    (["--set", "average=1"], "expected a decay in [0, 1)"),
     (["--set", "inversion.lr=fast"], "setting inversion.lr='fast': expected float"),
     (["--method", "unlearn-relearn"], "needs the suspect training set"),
     (["--trigger", "grid_paste"], "--trigger needs --target"),

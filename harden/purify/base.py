@@ -55,6 +55,8 @@ def resolve_settings(method: "Method", overrides: dict[str, Any]) -> dict[str, A
         values[key] = _coerce(key, value, method.defaults[key])
     if "bn_mode" in values and values["bn_mode"] not in BN_MODES:
         raise HardenError(f"bn_mode {values['bn_mode']!r}: expected one of {', '.join(BN_MODES)}")
+    if "average" in values and not 0.0 <= values["average"] < 1.0:
+        raise HardenError(f"average={values['average']}: expected a decay in [0, 1) (0: keep the raw weights)")
     return values
 
 

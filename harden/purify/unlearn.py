@@ -4,12 +4,12 @@
 The reversed trigger stands in for the unknown real one; training the model to ignore
 it breaks the trigger → target shortcut. Every `refresh_epochs` the bounded additive
 triggers are re-optimised against the model being trained (see `TriggerChaser`), so the
-unlearning chases what is left of a full-image backdoor instead of one fixed δ. The
-candidates for the kept model are a running average of the weights (`average`, see
-BestCheckpoint), the best epoch chosen on the validation split. `distill` adds distillation toward the
-source model on the unstamped rows; it is off by default because on the zoo it held
-the purified model close to the backdoored one (small-CNN BadNets ASR 0.050 with it,
-0.012 without) and accuracy did not need it.
+unlearning chases what is left of a full-image backdoor instead of one fixed δ. What is
+validated after each epoch, and kept if best, is a running average of the weights
+(`average`, see BestCheckpoint). `distill` adds distillation toward the source model on
+the unstamped rows; it is off by default because on the zoo it held the purified model
+close to the backdoored one (small-CNN BadNets ASR 0.050 with it, 0.012 without) and
+accuracy did not need it.
 """
 
 from __future__ import annotations
