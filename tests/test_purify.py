@@ -14,6 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from tests.conftest import CustomNet, TinyEncoder, registry_snapshot, train_quickly, write_npz
 
 from harden import tracking
@@ -27,7 +28,7 @@ from harden.models.wrappers import PixelModel
 from harden.publish import publish
 from harden.purify import purify
 from harden.purify.base import BestCheckpoint, PurifyContext
-from harden.purify.nft import MaskedNetwork, find_mask_sites, lower_bounds, mixup_weight
+from harden.purify.nft import MaskedNetwork, anchored_cross_entropy, find_mask_sites, lower_bounds, mixup_weight
 from harden.purify.triggers import AdditiveTrigger, ReversedTrigger, refreshed
 
 FAST_INVERSION = {"max_steps": 60, "probe_per_class": 6}
@@ -176,6 +177,18 @@ def test_mixup_weight_is_beta_alpha_alpha_and_repeatable():
     assert mixup_weight(0.0, generator) == 1.0
 
 
+def test_anchor_weighs_only_the_unstamped_images_of_target_classes():
+    logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([3, 3, 1, 2, 0])
+    stamped = torch.tensor([False, True, False, False, True])
+    targets = torch.tensor([3, 2])
+    per_row = F.cross_entropy(logits, labels, reduction="none")
+    weights = torch.tensor([2.0, 1.0, 1.0, 2.0, 1.0])  # unstamped 3 and unstamped 2; the stamped 3 is not anchored
+    assert anchored_cross_entropy(logits, labels, stamped, targets, 2.0) == pytest.approx(float((weights * per_row).sum() / weights.sum()))
+    assert anchored_cross_entropy(logits, labels, stamped, targets, 1.0) == pytest.approx(float(F.cross_entropy(logits, labels)))
+    assert anchored_cross_entropy(logits, labels, stamped, torch.tensor([], dtype=torch.long), 2.0) == pytest.approx(float(per_row.mean()))
+
+
 def test_lower_bounds_reference_and_depth_rules():
     reference = lower_bounds(19, "index")
     assert reference[0] == pytest.approx(0.485, abs=1e-3) and reference[3] == pytest.approx(0.108, abs=1e-3)
@@ -310,6 +323,7 @@ def test_unknown_pt2_architecture_is_purified_and_stays_pt2(mlflow_home, digits_
     (["--set", "wobble=3"], "unknown setting"),
     (["--set", "epochs=many"], "expected int"),
     (["--set", "average=1"], "expected a decay in [0, 1)"),
+    (["--method", "nft", "--set", "anchor=0"], "expected a positive loss weight"),
     (["--set", "inversion.lr=fast"], "setting inversion.lr='fast': expected float"),
     (["--method", "unlearn-relearn"], "needs the suspect training set"),
     (["--trigger", "grid_paste"], "--trigger needs --target"),
