@@ -29,7 +29,7 @@ from harden.publish import publish
 from harden.purify import purify
 from harden.purify.base import BestCheckpoint, PurifyContext
 from harden.purify.nft import MaskedNetwork, anchored_cross_entropy, find_mask_sites, lower_bounds, mixup_weight
-from harden.purify.triggers import AdditiveTrigger, ReversedTrigger, refreshed
+from harden.purify.triggers import AdditiveTrigger, ReversedTrigger, TriggerChaser, refreshed
 
 FAST_INVERSION = {"max_steps": 60, "probe_per_class": 6}
 
@@ -75,6 +75,19 @@ def test_refreshed_additive_triggers_get_stronger_within_epsilon_and_leave_the_m
     assert new[0] is triggers[0]  # patches stay where the inversion found them
     assert target_loss(new[1]) < target_loss(triggers[1]) and float(new[1].delta.abs().max()) <= 0.1 + 1e-6
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_chaser_rebounds_additive_triggers_once_and_only_when_asked():
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10).eval()
+    data = TensorDataset(torch.rand(40, 3, 32, 32), torch.arange(40) % 10)
+    patch = ReversedTrigger(3, torch.zeros(1, 32, 32), torch.rand(3, 32, 32), norm=16.0, asr=0.0)
+    triggers = [patch, AdditiveTrigger(3, torch.full((3, 32, 32), 0.09), 0.1, 0.0)]
+    chase = lambda epsilon: TriggerChaser(triggers, model, data, seed=0, interval=0, steps=5, device=torch.device("cpu"), epsilon=epsilon)
+    assert chase(None).triggers == triggers and chase(0.1).triggers == triggers  # the reversal's own bound: nothing to redo
+    stronger = chase(0.2).triggers
+    assert stronger[0] is patch and stronger[1].epsilon == 0.2
+    assert 0.1 < float(stronger[1].delta.abs().max()) <= 0.2 + 1e-6  # warm-started at 0.09, and it may now go past 0.1
 
 
 @pytest.mark.parametrize("build, placement, kinds, granularity", [
@@ -324,6 +337,7 @@ def test_unknown_pt2_architecture_is_purified_and_stays_pt2(mlflow_home, digits_
     (["--set", "epochs=many"], "expected int"),
     (["--set", "average=1"], "expected a decay in [0, 1)"),
     (["--method", "nft", "--set", "anchor=0"], "expected a positive loss weight"),
+    (["--method", "nft", "--set", "epsilon=0"], "expected a bound on the additive triggers"),
     (["--set", "inversion.lr=fast"], "setting inversion.lr='fast': expected float"),
     (["--method", "unlearn-relearn"], "needs the suspect training set"),
     (["--trigger", "grid_paste"], "--trigger needs --target"),

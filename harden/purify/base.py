@@ -57,6 +57,8 @@ def resolve_settings(method: "Method", overrides: dict[str, Any]) -> dict[str, A
         raise HardenError(f"bn_mode {values['bn_mode']!r}: expected one of {', '.join(BN_MODES)}")
     if "average" in values and not 0.0 <= values["average"] < 1.0:
         raise HardenError(f"average={values['average']}: expected a decay in [0, 1) (0: keep the raw weights)")
+    if "epsilon" in values and not 0.0 < values["epsilon"] <= 1.0:
+        raise HardenError(f"epsilon={values['epsilon']}: expected a bound on the additive triggers' pixel change in (0, 1]")
     if "anchor" in values and values["anchor"] <= 0:
         raise HardenError(f"anchor={values['anchor']}: expected a positive loss weight (1: every image alike)")
     return values

@@ -94,9 +94,9 @@ def additive_trigger(module: torch.nn.Module, images: torch.Tensor, labels: torc
 
 
 def refreshed(triggers: list[Stamp], module: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int,
-              device: torch.device) -> list[Stamp]:
+              device: torch.device, epsilon: float | None = None) -> list[Stamp]:
     """The additive triggers re-optimised against the model as it is now (warm-started, same
-    target and ε); mask/pattern triggers are kept as they are.
+    target; same ε unless `epsilon` re-bounds them); mask/pattern triggers are kept as they are.
 
     Unlearning one fixed δ teaches the model to ignore that δ, and a full-image backdoor
     with a stronger signal (SIG's ±40/255 sinusoid against ε = 0.1) can survive it.
@@ -107,7 +107,8 @@ def refreshed(triggers: list[Stamp], module: torch.nn.Module, images: torch.Tens
     train/eval mode is as it was afterwards (this runs between training steps)."""
     modes = {layer: layer.training for layer in module.modules()}
     module.eval()
-    out = [additive_trigger(module, images, labels, t.target, epsilon=t.epsilon, steps=steps, device=device, start=t.delta)
+    out = [additive_trigger(module, images, labels, t.target, epsilon=t.epsilon if epsilon is None else epsilon, steps=steps,
+                            device=device, start=t.delta)
            if isinstance(t, AdditiveTrigger) else t for t in triggers]
     for layer, training in modes.items():
         layer.training = training
@@ -120,16 +121,23 @@ class TriggerChaser:
     Call `step()` after every optimiser step on every rank: every `interval` steps it
     re-optimises the additive triggers against `module` on a small stratified probe of
     `data`. The refresh is deterministic given the weights, so all torchrun ranks stamp
-    the same triggers."""
+    the same triggers.
+
+    `epsilon`, when it differs from a trigger's own bound, re-bounds it once at the start
+    (`REBOUND_STEPS`, warm-started): the method then unlearns stronger (or weaker) δs than the
+    ones its guardrail and checkpoint selection measure, which keep the reversal's bound."""
 
     PROBE_PER_CLASS = 4
+    REBOUND_STEPS = 40  # as many as a fresh additive trigger gets (`additive_trigger`)
 
     def __init__(self, triggers: list[Stamp], module: torch.nn.Module, data: LabelledDataset, *, seed: int,
-                 interval: int, steps: int, device: torch.device):
-        self.triggers = list(triggers)
+                 interval: int, steps: int, device: torch.device, epsilon: float | None = None):
         self.module, self.interval, self.steps, self.device = module, interval, steps, device
         self.probe = probe_set(data, self.PROBE_PER_CLASS, seed)
         self.count = 0
+        rebound = epsilon is not None and any(isinstance(t, AdditiveTrigger) and t.epsilon != epsilon for t in triggers)
+        self.triggers = (refreshed(triggers, module, *self.probe, steps=self.REBOUND_STEPS, device=device, epsilon=epsilon)
+                         if rebound else list(triggers))
 
     def step(self) -> None:
         self.count += 1
