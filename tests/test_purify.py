@@ -48,6 +48,14 @@ class GateNet(torch.nn.Module):
         return self.head(torch.relu(self.hidden(x)))
 
 
+class BiasFreeHead(GateNet):
+    """A head without bias runs as a plain matmul: it must still be found, and left unmasked."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(16, 10, bias=False)
+
+
 def _exported(net: torch.nn.Module) -> torch.nn.Module:
     program = torch.export.export(net.eval(), (torch.rand(2, 3, 32, 32),), dynamic_shapes=({0: torch.export.Dim("batch")},))
     return program.module()
@@ -96,6 +104,7 @@ def test_chaser_rebounds_additive_triggers_once_and_only_when_asked():
     (lambda: GateNet(), "auto", {"conv", "linear"}, "channel"),
     (lambda: create_model("small_cnn", num_classes=10), "bn+conv", {"bn", "conv"}, "weight"),
     (lambda: GateNet(), "auto", {"conv", "linear"}, "weight"),
+    (lambda: BiasFreeHead(), "auto", {"conv", "linear"}, "channel"),
 ])
 def test_masks_fold_into_plain_weights_with_identical_outputs(build, placement, kinds, granularity):
     torch.manual_seed(0)

@@ -67,7 +67,7 @@ from harden.purify.triggers import TriggerChaser, stamp_fraction
 from harden.training import TrainConfig, fit
 
 _ATEN = torch.ops.aten
-# operator → (site kind, argument index of the weight, of the bias)
+# operator → (site kind, argument index of the weight, of the bias or None)
 _SITE_OPS = {
     _ATEN.native_batch_norm: ("bn", 1, 2),
     _ATEN._native_batch_norm_legit: ("bn", 1, 2),
@@ -77,6 +77,7 @@ _SITE_OPS = {
     _ATEN._batch_norm_no_update: ("bn", 1, 2),
     _ATEN.convolution: ("conv", 1, 2),
     _ATEN.addmm: ("linear", 2, 0),
+    _ATEN.mm: ("linear", 1, None),  # a linear layer without bias
 }
 _REFERENCE_DEPTH = 19  # masked BatchNorm layers of the reference ResNet-18
 PLACEMENTS = ("auto", "bn", "conv", "bn+conv")
@@ -111,7 +112,7 @@ class _SiteRecorder(TorchDispatchMode):
             kind, weight_at, bias_at = entry
             weight = self._name(args[weight_at]) if len(args) > weight_at else None
             if weight is not None:
-                bias = self._name(args[bias_at]) if len(args) > bias_at else None
+                bias = self._name(args[bias_at]) if bias_at is not None and len(args) > bias_at else None
                 self.calls.append((kind, weight, bias))
         return func(*args, **(kwargs or {}))
 
