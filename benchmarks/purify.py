@@ -6,7 +6,10 @@ digits; a fifth of it held out for selection and the guardrail) and measures on 
 untouched test split: ACC and the real trigger's ASR before/after, DER, seconds, peak memory.
 `--reference` also times a straightforward per-step implementation of the published NFT
 (1000 steps, masks on every BatchNorm, layer-index bounds, MixUp, BN statistics updated)
-on the same models and clean set, and reports the time ratio.
+on the same models and clean set, and reports the time ratio. "guardrail passed" is what harden
+decided on the validation split alone (accuracy kept and the known trigger's ASR at most 0.2):
+whether the result would have been registered. unlearn-relearn is handed the model's own
+poisoned training set as `--train-data`.
 
     .venv/bin/python benchmarks/purify.py                       # nft + trigger-unlearn, BadNets/Blend/SIG
     .venv/bin/python benchmarks/purify.py --methods nft --set nft.steps=300 --reference
@@ -26,13 +29,13 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zoo import load_zoo, write_npz, zoo_data  # noqa: E402
+from zoo import load_zoo, training_set, write_npz, zoo_data  # noqa: E402
 
 from harden import progress  # noqa: E402
 from harden.data import make_loader, split  # noqa: E402
 from harden.evaluation import der, evaluate  # noqa: E402
 from harden.models import load_model  # noqa: E402
-from harden.purify import purify  # noqa: E402
+from harden.purify import METHODS, purify  # noqa: E402
 from harden.report import Report, Table, emit  # noqa: E402
 from harden.runtime import measure  # noqa: E402
 
@@ -129,13 +132,16 @@ def main() -> None:
         for entry in zoo:
             clean, test, clean_npz, test_npz = _defender_files(entry.spec, args.clean_fraction, args.clean_seed, Path(tmp))
             for method in args.methods.split(","):
+                # unlearn-relearn gets the model's own poisoned training set, as the sensitivity test would
+                suspect = write_npz(training_set(entry), Path(tmp) / "train.npz") if METHODS[method].needs_train_data else None
                 result = purify(str(entry.path), str(clean_npz), method=method, trigger=entry.attack, target=entry.target,
-                                test_data=str(test_npz), load_options={"arch": entry.arch}, options=options,
-                                validation_fraction=args.validation_fraction)
+                                test_data=str(test_npz), train_data=suspect and str(suspect), load_options={"arch": entry.arch},
+                                options=options, validation_fraction=args.validation_fraction)
                 b, a = result.before, result.after
                 rows.append([entry.name, method, b.test_accuracy, a.test_accuracy, b.test_known_asr, a.test_known_asr,
                              round(100 * (b.test_accuracy - a.test_accuracy), 2),
                              der(b.test_known_asr, a.test_known_asr, b.test_accuracy, a.test_accuracy),
+                             "yes" if result.passed else "no",
                              "yes" if a.test_known_asr <= 0.03 and b.test_accuracy - a.test_accuracy <= 0.02 else "no",
                              round(result.duration_s, 1), round(result.peak_memory_mb)])
                 print(" ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
@@ -149,7 +155,7 @@ def main() -> None:
                 reference_rows.append([entry.name, after.accuracy, after.asr, round(cost.duration_s, 1), ratio])
     tables = [Table("Purification (test split; clean set = 5% of the data)",
                     ["model", "method", "ACC before", "ACC after", "ASR before", "ASR after", "ACC drop (pt)", "DER",
-                     "target met", "seconds", "peak MB"], rows)]
+                     "guardrail passed", "target met", "seconds", "peak MB"], rows)]
     if reference_rows:
         tables.append(Table("Published NFT, straightforward implementation (1000 steps)",
                             ["model", "ACC after", "ASR after", "seconds", "time ratio vs harden nft"], reference_rows))

@@ -104,15 +104,21 @@ def zoo_plan(fresh: int = 0) -> list[ZooModel]:
     return plan
 
 
+def training_set(entry: ZooModel) -> LabelledDataset:
+    """The data `entry` was trained on: the train split, 10% of it poisoned when the model is backdoored."""
+    train = zoo_data(entry.spec)[0]
+    if not entry.attack:
+        return train
+    return PoisonedDataset(train, Attack(entry.attack, target=entry.target, num_classes=10), rate=0.1, seed=entry.seed)
+
+
 def build(entry: ZooModel) -> ZooModel:
     from safetensors.torch import save_file
 
-    train, _, test = zoo_data(entry.spec)
+    _, _, test = zoo_data(entry.spec)
     seed_everything(entry.seed)
     model = create_model(entry.arch, num_classes=10, in_channels=entry.spec.channels)
-    data = train
-    if entry.attack:
-        data = PoisonedDataset(train, Attack(entry.attack, target=entry.target, num_classes=10), rate=0.1, seed=entry.seed)
+    data = training_set(entry)
     fit(model, data, TrainConfig(epochs=EPOCHS.get(entry.arch, 8), lr=2e-3, seed=entry.seed))
     result = evaluate(model, test, trigger=entry.attack, target=entry.target)
     entry.accuracy, entry.asr = result.accuracy, result.asr

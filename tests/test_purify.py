@@ -269,14 +269,27 @@ def test_cli_purifies_registers_and_aliases_the_demo(demo, run_cli, tmp_path):
     assert _known_asr(registered, demo.data_dir, demo) < 0.1
 
 
-def test_guardrail_trips_and_nothing_is_registered_or_written(demo, run_cli, tmp_path):
+@pytest.mark.parametrize("args, tripped", [
+    # any accuracy change exceeds a negative allowance (and any backdoor left is allowed)
+    (["--max-acc-drop", "-50", "--max-asr", "1"], "accuracy"),
+    # one epoch at lr 1e-5 leaves the backdoor in place: the known trigger still works
+    (["--max-acc-drop", "50", "--trigger", "grid_paste", "--target", "0"], "known-trigger"),
+    # ... and so does the most suspect class's reversed trigger when no trigger is known
+    (["--max-acc-drop", "50"], "reversed-trigger (class 0)"),
+])
+def test_guardrail_trips_and_nothing_is_registered_or_written(demo, run_cli, tmp_path, args, tripped):
     before_versions = registry_snapshot()
     code, out, _ = run_cli("purify", demo.model_uri, "--data", demo.data_dir / "clean.npz", "--method", "trigger-unlearn",
-                           "--max-acc-drop", "-50", "--output", tmp_path / "never", "--format", "json", "-q", "--triggers", "1",
+                           "--output", tmp_path / "never", "--format", "json", "-q", "--triggers", "1", *args,
                            "--set", "epochs=1", "--set", "lr=1e-5", "--set", "inversion.max_steps=60")
     assert code == 1
     report = json.loads(out)
     assert report["guardrail_passed"] is False and report["output_model_uri"] is None
+    if tripped == "accuracy":
+        assert report["residual_asr"] <= report["max_asr"] == 1 and report["acc_drop_points"] > -50
+    else:
+        assert report["residual_asr"] > report["max_asr"] == 0.2 and report["acc_drop_points"] <= 50
+        assert report["residual_trigger"] == tripped
     assert registry_snapshot() == before_versions
     assert not (tmp_path / "never").exists()
 
@@ -292,7 +305,7 @@ def test_nft_lowers_reversed_trigger_success_and_keeps_the_architecture(demo):
     assert all(m["masks"] == (weights[m["layer"]].numel() if m["kind"] == "conv" else m["channels"]) for m in masks)
 
 
-def test_unlearn_relearn_uses_the_separation_and_removes_the_backdoor(demo, demo_train_npz, tmp_path):
+def test_unlearn_relearn_retrains_on_the_separation_and_the_asr_guardrail_judges_it(demo, demo_train_npz, tmp_path):
     train_npz, _ = demo_train_npz
     result = purify(demo.model_uri, str(demo.data_dir / "clean.npz"), method="unlearn-relearn", train_data=str(train_npz),
                     trigger=demo.trigger, target=demo.target, test_data=str(demo.data_dir / "test.npz"), triggers=1,
@@ -303,6 +316,9 @@ def test_unlearn_relearn_uses_the_separation_and_removes_the_backdoor(demo, demo
     before_state, after_state = result.source.trainable().net.state_dict(), result.model.net.state_dict()
     assert any(not torch.equal(before_state[k], after_state[k]) for k in before_state if after_state[k].is_floating_point())
     assert result.after.test_accuracy > result.before.test_accuracy - 0.05
+    # whether the backdoor went is judged by the known trigger on the validation split; a surviving one is not registered
+    assert result.residual.trigger == "known-trigger" and result.residual.asr == result.after.known_asr
+    assert result.passed == (result.accuracy_kept and result.after.known_asr <= 0.2)
     # a saved separation for a different training set is refused
     bogus = tmp_path / "separation.json"
     bogus.write_text(json.dumps({"schema": "harden.separation/1", "num_samples": 3, "poisoned": [0], "clean": [1]}))
@@ -350,6 +366,7 @@ def test_unknown_pt2_architecture_is_purified_and_stays_pt2(mlflow_home, digits_
     (["--set", "inversion.lr=fast"], "setting inversion.lr='fast': expected float"),
     (["--method", "unlearn-relearn"], "needs the suspect training set"),
     (["--trigger", "grid_paste"], "--trigger needs --target"),
+    (["--max-asr", "1.5"], "--max-asr 1.5: expected a fraction between 0 and 1"),
 ])
 def test_bad_purify_input_is_one_line_exit_2(demo, run_cli, args, message):
     before_versions = registry_snapshot()

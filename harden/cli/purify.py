@@ -1,4 +1,4 @@
-"""`harden purify`: remove a backdoor, check the accuracy guardrail, register the result."""
+"""`harden purify`: remove a backdoor, check the guardrails (accuracy kept, backdoor gone), register the result."""
 
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ def setting_pairs(_ctx, _param, values: tuple[str, ...]) -> dict[str, str]:
               help="Share of --data held out for checkpoint selection and the before/after guardrail.")
 @click.option("--max-acc-drop", type=float, default=2.0, show_default=True,
               help="Accuracy points the purified model may lose on the held-out split; more exits 1 and registers nothing.")
+@click.option("--max-asr", type=float, default=0.2, show_default=True,
+              help="Attack success the backdoor may keep on the held-out split (the known trigger's with --trigger, else the most "
+                   "suspect class's reversed triggers'); more exits 1 and registers nothing.")
 @click.option("--triggers", "trigger_count", type=int, default=2, show_default=True, help="Reversed triggers (smallest first) to unlearn.")
 @click.option("--set", "settings", multiple=True, callback=setting_pairs, metavar="KEY=VALUE",
               help="Method setting, repeatable, e.g. --set lr=1e-4 (`harden list methods` shows every setting and default); "
@@ -52,11 +55,12 @@ def setting_pairs(_ctx, _param, values: tuple[str, ...]) -> dict[str, str]:
 @report_options(flag="--report")
 @common_options
 def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std, allow_pickle, data, resize, method, task, train_data,
-            separation, trigger, target, test_data, validation_fraction, max_acc_drop, trigger_count, settings, register_as, alias,
+            separation, trigger, target, test_data, validation_fraction, max_acc_drop, max_asr, trigger_count, settings, register_as, alias,
             output: Path | None, fmt, report_file: Path | None) -> int:
-    """Purify MODEL with clean --data; register it as a new version when the guardrail holds.
+    """Purify MODEL with clean --data; register it as a new version when the guardrails hold.
 
-    Exit 0: purified and registered; 1: the accuracy guardrail tripped (nothing registered); 2: error.
+    Exit 0: purified and registered; 1: a guardrail tripped, the accuracy lost (--max-acc-drop) or the
+    backdoor still working (--max-asr); nothing is registered then; 2: error.
 
     \b
     Examples:
@@ -72,12 +76,12 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
     if alias and target_name(loaded, register_as) is None:
         raise HardenError("--alias needs a registered model: purify a models:/ URI or pass --register-as")
     params = {"method": method, "task": task, "data": data, "train_data": train_data, "trigger": trigger, "target": target,
-              "validation_fraction": validation_fraction, "max_acc_drop": max_acc_drop, "triggers": trigger_count,
-              "settings": settings, "device": str(ctx.device), "seed": ctx.seed}
+              "validation_fraction": validation_fraction, "max_acc_drop": max_acc_drop, "max_asr": max_asr,
+              "triggers": trigger_count, "settings": settings, "device": str(ctx.device), "seed": ctx.seed}
     source_uri = loaded.registered.uri if loaded.registered else loaded.uri
     options = {"method": method, "task": task, "train_data": train_data, "separation": separation, "trigger": trigger, "target": target,
                "test_data": test_data, "validation_fraction": validation_fraction, "max_acc_drop": max_acc_drop,
-               "triggers": trigger_count, "options": split_settings(METHODS[method], settings), "resize": resize}
+               "max_asr": max_asr, "triggers": trigger_count, "options": split_settings(METHODS[method], settings), "resize": resize}
     with distributed.launched(ctx.device) as dist:
         # Under `torchrun` every rank trains its share of each batch; rank 0 alone logs, registers and reports.
         if not dist.is_main:
@@ -88,8 +92,8 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
                 tracking.log_metrics({f"{k}_{stage}": v for k, v in metrics.to_dict().items()})
             for step, scores in enumerate(result.history):
                 tracking.log_metrics({f"validation_{k}": v for k, v in scores.items()}, step=step)
-            tracking.log_metrics({"acc_drop_points": result.acc_drop, "der": result.der, "duration_s": result.duration_s,
-                                  "peak_memory_mb": result.peak_memory_mb, "world_size": dist.world_size})
+            tracking.log_metrics({"acc_drop_points": result.acc_drop, "residual_asr": result.residual.asr, "der": result.der,
+                                  "duration_s": result.duration_s, "peak_memory_mb": result.peak_memory_mb, "world_size": dist.world_size})
             output_uri = None
             if result.passed:
                 published = publish(result.model.net, loaded, tags=result.version_tags(), register_as=register_as, alias=alias,

@@ -1,4 +1,5 @@
-"""`harden purify`: remove a backdoor from a classifier, guarded by held-out clean accuracy.
+"""`harden purify`: remove a backdoor from a classifier, guarded by held-out clean accuracy and by
+the backdoor's attack success after purification.
 
 Library use::
 
@@ -58,6 +59,26 @@ class Metrics:
 
 
 @dataclass
+class Residual:
+    """What is left of the backdoor after purification, on the validation split: the known trigger's
+    ASR when one is given, else the ASR of the most suspect class's reversed triggers (the class
+    reachable with the smallest trigger). A purified model must bring it to `max_asr` or below.
+
+    For trigger-unlearn and NFT, which train against the reversed triggers, this mostly confirms
+    the training; for unlearn-relearn, which never sees them, it is the only check that the
+    backdoor went (on a model without one, the suspect class's trigger is a natural feature that
+    keeps working: such a model needs no purifying, or pass --max-asr 1)."""
+
+    asr: float | None
+    trigger: str  # which ASR: "known-trigger" or "reversed-trigger (class N)"
+    max_asr: float
+
+    @property
+    def removed(self) -> bool:
+        return self.asr is None or self.asr <= self.max_asr + 1e-9
+
+
+@dataclass
 class PurifyResult:
     method: str
     params: dict[str, Any]
@@ -67,6 +88,7 @@ class PurifyResult:
     source: LoadedModel
     triggers: list[Stamp]
     max_acc_drop: float  # points
+    residual: Residual
     history: list[dict[str, float]] = field(default_factory=list)
     duration_s: float = 0.0
     peak_memory_mb: float = 0.0
@@ -77,8 +99,12 @@ class PurifyResult:
         return 100.0 * (self.before.accuracy - self.after.accuracy)
 
     @property
-    def passed(self) -> bool:
+    def accuracy_kept(self) -> bool:
         return self.acc_drop <= self.max_acc_drop + 1e-9
+
+    @property
+    def passed(self) -> bool:
+        return self.accuracy_kept and self.residual.removed
 
     @property
     def exit_code(self) -> int:
@@ -116,6 +142,9 @@ class PurifyResult:
             "acc_drop_points": self.acc_drop,
             "max_acc_drop_points": self.max_acc_drop,
             "guardrail_passed": self.passed,
+            "residual_asr": self.residual.asr,
+            "residual_trigger": self.residual.trigger,
+            "max_asr": self.residual.max_asr,
             "der": self.der,
             "reversed_triggers": [t.to_dict() for t in self.triggers],
             "history": self.history,
@@ -128,9 +157,14 @@ class PurifyResult:
         rows = [[name, getattr(self.before, key), getattr(self.after, key)] for key, name in _ROWS
                 if getattr(self.before, key) is not None]
         change = f"{0.0 - self.acc_drop:+.1f}".replace("-", "−")  # a gain reads +3.8 (not −-3.8), no change +0.0
-        verdict = (f"purified, ACC {change} pt" if self.passed
-                   else f"guardrail tripped: ACC {change} pt > {self.max_acc_drop:g} pt, nothing registered")
-        steps = [] if self.passed else ["Lower the learning rate or the trigger fraction, give more clean data, or try another --method."]
+        tripped, steps = [], []
+        if not self.accuracy_kept:
+            tripped.append(f"ACC {change} pt > {self.max_acc_drop:g} pt")
+            steps.append("Lower the learning rate or the trigger fraction, give more clean data, or try another --method.")
+        if not self.residual.removed:
+            tripped.append(f"{self.residual.trigger} ASR {self.residual.asr:.2f} > {self.residual.max_asr:g}")
+            steps.append("The backdoor still works: try --method trigger-unlearn or nft, or more epochs (--set epochs=N).")
+        verdict = f"purified, ACC {change} pt" if self.passed else f"guardrail tripped: {'; '.join(tripped)}, nothing registered"
         return Report(SCHEMA, f"harden purify {self.source_uri} ({self.method}): {verdict}", self.to_dict(output_model_uri),
                       [Table("Before / after (held-out clean split)", ["metric", "before", "after"], rows),
                        Table("Result", ["field", "value"], [["method", self.method], ["output model", output_model_uri or "-"],
@@ -153,6 +187,17 @@ def _measure_metrics(module: torch.nn.Module, validation: LabelledDataset, trigg
         tested = evaluate(module, test, device=device, **kwargs)
         metrics.test_accuracy, metrics.test_known_asr = tested.accuracy, tested.asr
     return metrics
+
+
+def _residual(module: torch.nn.Module, after: Metrics, validation: LabelledDataset, triggers: list[Stamp], max_asr: float,
+              device: torch.device) -> Residual:
+    if after.known_asr is not None:
+        return Residual(after.known_asr, "known-trigger", max_asr)
+    if not triggers:
+        return Residual(None, "reversed-trigger", max_asr)
+    suspect = triggers[0].target
+    asr = reversed_asr(module, validation, [t for t in triggers if t.target == suspect], device)
+    return Residual(asr, f"reversed-trigger (class {suspect})", max_asr)
 
 
 def _knn_view(train: LabelledDataset, classes: int, device: torch.device):
@@ -206,6 +251,7 @@ def purify(
     test_data: str | None = None,
     validation_fraction: float = 0.2,
     max_acc_drop: float = 2.0,
+    max_asr: float = 0.2,
     triggers: int = 2,
     options: dict[str, Any] | None = None,
     device: torch.device | str = "cpu",
@@ -229,6 +275,8 @@ def purify(
         raise HardenError(f"{method} needs the suspect training set: pass --train-data (and optionally --separation)")
     if not 0.0 < validation_fraction < 1.0:
         raise HardenError(f"--validation-fraction {validation_fraction}: expected a fraction between 0 and 1")
+    if not 0.0 <= max_asr <= 1.0:
+        raise HardenError(f"--max-asr {max_asr}: expected a fraction between 0 and 1")
     device = torch.device(device)
     with measure(device) as cost:
         loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, **(load_options or {}))
@@ -254,6 +302,7 @@ def purify(
                             separation=separated)
         output = METHODS[method].run(ctx)
         after = _measure_metrics(view(output.model), validation, reversed_triggers, attack, test, device)
+        residual = _residual(view(output.model), after, validation, reversed_triggers, max_asr, device)
     params = {"validation_fraction": validation_fraction, "triggers": triggers, "seed": seed, **output.params}
-    return PurifyResult(method, params, before, after, output.model, loaded, reversed_triggers, max_acc_drop, output.history,
+    return PurifyResult(method, params, before, after, output.model, loaded, reversed_triggers, max_acc_drop, residual, output.history,
                         cost.duration_s, cost.peak_memory_mb)

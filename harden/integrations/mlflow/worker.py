@@ -143,7 +143,7 @@ class Worker:
 
     def _purify(self, job: Job, stop: threading.Event) -> str | None:
         """`harden purify` on the flagged version; the new version carries `harden.purified_from`, so its
-        own `model_version.created` event is ignored. None when purify's accuracy guardrail refused
+        own `model_version.created` event is ignored. None when one of purify's guardrails refused
         the result (exit 1, nothing registered): deterministic, so not retried."""
         if not self.settings.data:
             raise JobFailed("--on-backdoor purify needs --data")
