@@ -8,7 +8,7 @@ import click
 
 from harden import distributed, tracking
 from harden.cli.options import CommandContext, common_options, data_options, model_options, open_model, report_options
-from harden.errors import HardenError
+from harden.errors import EXIT_OK, HardenError
 from harden.publish import check_output_dir, publish, target_name
 from harden.purify import DEFAULT_METHOD, METHODS, purify
 from harden.purify.base import split_settings
@@ -83,9 +83,12 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
                "test_data": test_data, "validation_fraction": validation_fraction, "max_acc_drop": max_acc_drop,
                "max_asr": max_asr, "triggers": trigger_count, "options": split_settings(METHODS[method], settings), "resize": resize}
     with distributed.launched(ctx.device) as dist:
-        # Under `torchrun` every rank trains its share of each batch; rank 0 alone logs, registers and reports.
+        # Under `torchrun` every rank trains its share of each batch; rank 0 alone logs, registers and reports,
+        # and its exit code is the launch's: checkpoint selection runs on rank 0 only (`fit`'s on_epoch_end),
+        # so another rank's final weights are not the kept model and its guardrails would judge the wrong one.
         if not dist.is_main:
-            return purify(loaded, data, device=dist.device, seed=ctx.seed, **options).exit_code
+            purify(loaded, data, device=dist.device, seed=ctx.seed, **options)
+            return EXIT_OK
         with tracking.command_run("purify", source_uri, params) as run:
             result = purify(loaded, data, device=dist.device, seed=ctx.seed, **options)
             for stage, metrics in (("before", result.before), ("after", result.after)):
