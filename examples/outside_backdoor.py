@@ -136,15 +136,13 @@ def main() -> None:
     print(f"sensitivity test: {len(flagged)} flagged poisoned ({int(truth[flagged].sum())} truly poisoned of {int(truth.sum())}); "
           f"{len(relearned)} flagged clean ({int(truth[relearned].sum())} of them poisoned)")
 
-    print(f"{'method':<16} {'guardrail':<46} {'test ACC':>15} {'owner ASR':>15} {'seconds':>8}")
+    print(f"{'method':<16} {'guardrail':<62} {'test ACC':>15} {'owner ASR':>15} {'seconds':>8}")
     for method in METHODS:
         result = purify("models:/outsider@prod", str(work / "clean"), method=method, test_data=str(work / "test.npz"),
                         **({"train_data": str(work / "train.npz"), "separation": separation} if METHODS[method].needs_train_data else {}))
         after_accuracy, after_asr = judge(result.model, test_x, test_y)
-        verdict = "passed" if result.passed else "tripped: " + "; ".join(
-            (["accuracy"] if not result.accuracy_kept else []) +
-            ([f"{result.residual.trigger} ASR {result.residual.asr:.2f}"] if not result.residual.removed else []))
-        print(f"{method:<16} {verdict:<46} {accuracy:6.3f} → {after_accuracy:5.3f} {asr:6.3f} → {after_asr:5.3f} {result.duration_s:8.1f}")
+        verdict = "passed" if result.passed else "tripped: " + "; ".join(result.tripped)
+        print(f"{method:<16} {verdict:<62} {accuracy:6.3f} → {after_accuracy:5.3f} {asr:6.3f} → {after_asr:5.3f} {result.duration_s:8.1f}")
 
 
 if __name__ == "__main__":

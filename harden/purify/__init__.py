@@ -153,18 +153,31 @@ class PurifyResult:
             "harden_version": __version__,
         }
 
+    @property
+    def acc_change(self) -> str:
+        """Accuracy change in points, signed: a gain reads +3.8 (not −-3.8), no change +0.0."""
+        return f"{0.0 - self.acc_drop:+.1f}".replace("-", "−")
+
+    @property
+    def tripped(self) -> list[str]:
+        """Each guardrail that refused the result, with its figure (empty when it passed)."""
+        reasons = []
+        if not self.accuracy_kept:
+            reasons.append(f"ACC {self.acc_change} pt > {self.max_acc_drop:g} pt")
+        if not self.residual.removed:
+            reasons.append(f"{self.residual.trigger} ASR {self.residual.asr:.2f} > {self.residual.max_asr:g}")
+        return reasons
+
     def report(self, output_model_uri: str | None) -> Report:
         rows = [[name, getattr(self.before, key), getattr(self.after, key)] for key, name in _ROWS
                 if getattr(self.before, key) is not None]
-        change = f"{0.0 - self.acc_drop:+.1f}".replace("-", "−")  # a gain reads +3.8 (not −-3.8), no change +0.0
-        tripped, steps = [], []
+        steps = []
         if not self.accuracy_kept:
-            tripped.append(f"ACC {change} pt > {self.max_acc_drop:g} pt")
             steps.append("Lower the learning rate or the trigger fraction, give more clean data, or try another --method.")
         if not self.residual.removed:
-            tripped.append(f"{self.residual.trigger} ASR {self.residual.asr:.2f} > {self.residual.max_asr:g}")
             steps.append("The backdoor still works: try --method trigger-unlearn or nft, or more epochs (--set epochs=N).")
-        verdict = f"purified, ACC {change} pt" if self.passed else f"guardrail tripped: {'; '.join(tripped)}, nothing registered"
+        verdict = (f"purified, ACC {self.acc_change} pt" if self.passed
+                   else f"guardrail tripped: {'; '.join(self.tripped)}, nothing registered")
         return Report(SCHEMA, f"harden purify {self.source_uri} ({self.method}): {verdict}", self.to_dict(output_model_uri),
                       [Table("Before / after (held-out clean split)", ["metric", "before", "after"], rows),
                        Table("Result", ["field", "value"], [["method", self.method], ["output model", output_model_uri or "-"],
