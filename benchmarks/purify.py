@@ -35,7 +35,7 @@ from harden import progress  # noqa: E402
 from harden.data import make_loader, split  # noqa: E402
 from harden.evaluation import der, evaluate  # noqa: E402
 from harden.models import load_model  # noqa: E402
-from harden.purify import METHODS, purify  # noqa: E402
+from harden.purify import METHODS, options_from_pairs, purify  # noqa: E402
 from harden.report import Report, Table, emit  # noqa: E402
 from harden.runtime import measure  # noqa: E402
 
@@ -88,15 +88,6 @@ def reference_nft(model: torch.nn.Module, clean, steps: int = 1000, batch: int =
     return model.eval()
 
 
-def _settings(items: list[str]) -> dict[str, dict[str, str]]:
-    options: dict[str, dict[str, str]] = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        method, _, name = key.partition(".")
-        options.setdefault(method, {})[name] = value
-    return options
-
-
 def _defender_files(spec, clean_fraction: float, clean_seed: int, folder: Path):
     """The defender's clean set (`clean_fraction` of the dataset, drawn by `clean_seed`) and the test
     split at `spec`, with the .npz files a user would pass (written once per input geometry)."""
@@ -124,7 +115,7 @@ def main() -> None:
     parser.add_argument("--format", default="text")
     args = parser.parse_args()
     progress.set_enabled(False)
-    options = _settings(args.settings)
+    options = options_from_pairs(args.settings)
     zoo = load_zoo(lambda e: e.backdoored and e.arch in args.archs.split(",") and str(e.seed) in args.seeds.split(",")
                    and any(e.attack.startswith(ATTACKS[a]) for a in args.attacks.split(",")))
     rows, reference_rows = [], []

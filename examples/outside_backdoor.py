@@ -9,7 +9,10 @@ test and unlearn-relearn, the suspect training set. harden never sees the trigge
 and every purification work from their own reversed triggers, and the owner's trigger only
 judges the results on a 597-image test split.
 
-    .venv/bin/python examples/outside_backdoor.py [--workdir outside-backdoor]
+    .venv/bin/python examples/outside_backdoor.py [--workdir outside-backdoor] [--set METHOD.KEY=VALUE ...]
+
+`--set` changes one method's setting, as `harden purify --set` does (e.g. `--set
+trigger-unlearn.distill=0` for the previous default); the README's comparisons come from it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch import nn
 
-from harden.purify import METHODS, purify
+from harden.purify import METHODS, options_from_pairs, purify
 from harden.scan import scan
 
 TARGET = 5
@@ -109,7 +112,9 @@ def uint8(images: torch.Tensor) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("outside-backdoor"))
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="METHOD.KEY=VALUE")
     args = parser.parse_args()
+    options = options_from_pairs(args.settings)
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     train_x, train_y, poisoned, clean_x, clean_y, test_x, test_y = owner_data()
@@ -138,7 +143,7 @@ def main() -> None:
 
     print(f"{'method':<16} {'guardrail':<62} {'test ACC':>15} {'owner ASR':>15} {'seconds':>8}")
     for method in METHODS:
-        result = purify("models:/outsider@prod", str(work / "clean"), method=method, test_data=str(work / "test.npz"),
+        result = purify("models:/outsider@prod", str(work / "clean"), method=method, test_data=str(work / "test.npz"), options=options,
                         **({"train_data": str(work / "train.npz"), "separation": separation} if METHODS[method].needs_train_data else {}))
         after_accuracy, after_asr = judge(result.model, test_x, test_y)
         verdict = "passed" if result.passed else "tripped: " + "; ".join(result.tripped)

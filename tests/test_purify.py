@@ -27,7 +27,7 @@ from harden.models import create_model, load_model
 from harden.models.wrappers import PixelModel
 from harden.publish import publish
 from harden.purify import purify
-from harden.purify.base import BestCheckpoint, PurifyContext
+from harden.purify.base import BestCheckpoint, PurifyContext, options_from_pairs
 from harden.purify.nft import MaskedNetwork, anchored_cross_entropy, find_mask_sites, lower_bounds, mixup_weight
 from harden.purify.triggers import AdditiveTrigger, ReversedTrigger, TriggerChaser, refreshed
 
@@ -46,6 +46,20 @@ class GateNet(torch.nn.Module):
     def forward(self, x):
         x = torch.relu(self.conv(x)).mean((2, 3))
         return self.head(torch.relu(self.hidden(x)))
+
+
+class NormNet(torch.nn.Module):
+    """No BatchNorm but GroupNorm and LayerNorm: their per-channel scale γ is masked as BatchNorm's would be."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.group = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(2, 8)
+        self.hidden, self.layer = torch.nn.Linear(8, 16), torch.nn.LayerNorm(16)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.gelu(self.group(self.conv(x))).mean((2, 3))
+        return self.head(torch.relu(self.layer(self.hidden(x))))
 
 
 class BiasFreeHead(GateNet):
@@ -99,12 +113,14 @@ def test_chaser_rebounds_additive_triggers_once_and_only_when_asked():
 
 
 @pytest.mark.parametrize("build, placement, kinds, granularity", [
-    (lambda: create_model("small_cnn", num_classes=10), "auto", {"bn"}, "channel"),
-    (lambda: _exported(CustomNet()), "auto", {"bn"}, "channel"),
+    (lambda: create_model("small_cnn", num_classes=10), "auto", {"norm"}, "channel"),
+    (lambda: _exported(CustomNet()), "auto", {"norm"}, "channel"),
     (lambda: GateNet(), "auto", {"conv", "linear"}, "channel"),
-    (lambda: create_model("small_cnn", num_classes=10), "bn+conv", {"bn", "conv"}, "weight"),
+    (lambda: create_model("small_cnn", num_classes=10), "bn+conv", {"norm", "conv"}, "weight"),
     (lambda: GateNet(), "auto", {"conv", "linear"}, "weight"),
     (lambda: BiasFreeHead(), "auto", {"conv", "linear"}, "channel"),
+    (lambda: NormNet(), "auto", {"norm"}, "channel"),
+    (lambda: _exported(NormNet()), "bn+conv", {"norm", "conv", "linear"}, "weight"),
 ])
 def test_masks_fold_into_plain_weights_with_identical_outputs(build, placement, kinds, granularity):
     torch.manual_seed(0)
@@ -118,7 +134,7 @@ def test_masks_fold_into_plain_weights_with_identical_outputs(build, placement, 
     assert head not in {s.weight for s in sites}, "the classifier head is never masked"
     masked = MaskedNetwork(model, sites, lower_bounds(len(sites), "none"), granularity=granularity).eval()
     weights = dict(net.named_parameters())
-    expected_shapes = [weights[s.weight].shape if granularity == "weight" and s.kind != "bn" else (s.channels,) for s in sites]
+    expected_shapes = [weights[s.weight].shape if granularity == "weight" and s.kind != "norm" else (s.channels,) for s in sites]
     assert [m.shape for m in masked.masks] == expected_shapes
     with torch.no_grad():
         for mask in masked.masks:
@@ -211,6 +227,15 @@ def test_anchor_weighs_only_the_unstamped_images_of_target_classes():
     assert anchored_cross_entropy(logits, labels, stamped, torch.tensor([], dtype=torch.long), 2.0) == pytest.approx(float(per_row.mean()))
 
 
+def test_method_setting_pairs_become_purify_options_and_malformed_ones_are_refused():
+    pairs = ["trigger-unlearn.lr=1e-3", "trigger-unlearn.distill=0", "inversion.max_steps=100", "nft.placement=a=b"]
+    assert options_from_pairs(pairs) == {"trigger-unlearn": {"lr": "1e-3", "distill": "0"}, "inversion": {"max_steps": "100"},
+                                         "nft": {"placement": "a=b"}}
+    for bad in ("lr=1e-3", "trigger-unlearn.lr", ".lr=1", "nft.=1"):
+        with pytest.raises(HardenError, match="METHOD.KEY=VALUE"):
+            options_from_pairs([bad])
+
+
 def test_lower_bounds_reference_and_depth_rules():
     reference = lower_bounds(19, "index")
     assert reference[0] == pytest.approx(0.485, abs=1e-3) and reference[3] == pytest.approx(0.108, abs=1e-3)
@@ -301,7 +326,7 @@ def test_nft_lowers_reversed_trigger_success_and_keeps_the_architecture(demo):
     assert set(result.model.net.state_dict()) == set(result.source.trainable().net.state_dict())
     masks = result.params["masks"]
     weights = dict(result.model.net.named_parameters())
-    assert {m["kind"] for m in masks} == {"bn", "conv"} and sum(m["kind"] == "bn" for m in masks) == 4
+    assert {m["kind"] for m in masks} == {"norm", "conv"} and sum(m["kind"] == "norm" for m in masks) == 4
     assert all(m["masks"] == (weights[m["layer"]].numel() if m["kind"] == "conv" else m["channels"]) for m in masks)
 
 

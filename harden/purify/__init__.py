@@ -36,7 +36,7 @@ from harden.purify import nft as _nft  # noqa: F401  (each import registers a me
 from harden.purify import relearn as _relearn  # noqa: F401
 from harden.purify import unlearn as _unlearn  # noqa: F401
 from harden.purify.encoder import KnnView, encoder_trigger
-from harden.purify.base import METHODS, PurifyContext, inversion_config, resolve_settings, reversed_asr
+from harden.purify.base import METHODS, PurifyContext, inversion_config, options_from_pairs, resolve_settings, reversed_asr
 from harden.purify.triggers import Stamp, reverse_triggers
 from harden.report import Report, Table
 from harden.runtime import measure
@@ -173,7 +173,8 @@ class PurifyResult:
                 if getattr(self.before, key) is not None]
         steps = []
         if not self.accuracy_kept:
-            steps.append("Lower the learning rate or the trigger fraction, give more clean data, or try another --method.")
+            steps.append(" ".join(filter(None, [METHODS[self.method].accuracy_advice,
+                                                "Give more clean data (the guardrail judges on its validation split), or try another --method."])))
         if not self.residual.removed:
             steps.append("The backdoor still works: try --method trigger-unlearn or nft, or more epochs (--set epochs=N).")
         verdict = (f"purified, ACC {self.acc_change} pt" if self.passed

@@ -86,6 +86,19 @@ def split_settings(method: "Method", pairs: dict[str, Any]) -> dict[str, dict[st
     return {method.name: own, "inversion": inversion}
 
 
+def options_from_pairs(pairs: list[str]) -> dict[str, dict[str, str]]:
+    """`METHOD.KEY=VALUE` strings (`trigger-unlearn.lr=1e-3`, `inversion.max_steps=100`) as purify's
+    `options`, for scripts that compare several methods' settings in one call."""
+    options: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        method, dot, key = name.partition(".")
+        if not (equals and dot and method and key):
+            raise HardenError(f"{pair!r}: expected METHOD.KEY=VALUE, e.g. trigger-unlearn.lr=1e-3")
+        options.setdefault(method, {})[key] = value
+    return options
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
     if isinstance(value, str) and not isinstance(default, str):
         import yaml
@@ -111,6 +124,7 @@ class Method:
     description: str = ""
     defaults: dict[str, Any] = {}  # every setting the method takes (`--set KEY=VALUE`), with its default
     needs_train_data = False
+    accuracy_advice = ""  # what to try first when the accuracy guardrail trips
 
     def run(self, ctx: PurifyContext) -> MethodOutput:
         raise NotImplementedError
