@@ -21,9 +21,11 @@ Data: scikit-learn's digits rendered to each input size (72% train, 10% the defe
 passed to the scan, 18% test). A backdoored model that does not reach ASR 0.8 on the test split
 is reported and left out of the metrics. `--purify METHODS` also purifies every implanted
 backdoor through `harden.purify.purify` (which sees only the clean set and its own reversed
-triggers) and judges the result with the owner's trigger on the test split.
+triggers) and judges the result with the owner's trigger on the test split; `--set METHOD.KEY=VALUE`
+changes a method's setting for that, as `harden purify --set` does.
 
     .venv/bin/python benchmarks/foreign.py --seed 1 --previous --purify trigger-unlearn
+    .venv/bin/python benchmarks/foreign.py --seed 1 --purify trigger-unlearn --set trigger-unlearn.distill=0.5 --set trigger-unlearn.lr=0.001
 """
 
 from __future__ import annotations
@@ -240,12 +242,13 @@ def scan_record(built: Built, folder: Path) -> dict:
             "statistics": next((c.details["statistics"] for c in result.checks if "statistics" in c.details), None)}
 
 
-def purify_row(built: Built, method: str) -> list:
+def purify_row(built: Built, method: str, options: dict) -> list:
     """Purify through the library (reversed triggers only: the owner's trigger is unknown to harden),
-    then judge the result with the owner's own trigger on the test split."""
+    then judge the result with the owner's own trigger on the test split. `options`: per-method
+    settings, as `--set` gives them."""
     from harden.purify import purify
 
-    result = purify(built.uri, str(built.clean_npz), method=method, load_options=built.load_options)
+    result = purify(built.uri, str(built.clean_npz), method=method, load_options=built.load_options, options=options)
     accuracy, asr = judge(result.model, built.test, built.stamp, built.target)
     met = asr <= 0.03 and built.accuracy - accuracy <= 0.02
     return [built.name, method, round(built.accuracy, 3), round(accuracy, 3), round(built.asr, 3), round(asr, 3),
@@ -273,6 +276,8 @@ def main() -> None:
     parser.add_argument("--purify", default="", metavar="METHODS",
                         help="also purify every implanted backdoor with these methods (comma-separated) and judge the result "
                              "with the owner's trigger")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="a purify method's setting, as `harden purify --set` takes it (repeatable)")
     parser.add_argument("--previous", action="store_true",
                         help="also score the models with the previous calibration's features (benchmarks/scan.py PREVIOUS), "
                              "fitted on the zoo's cached scan statistics the same way")
@@ -282,10 +287,12 @@ def main() -> None:
     from scan import verdict_metrics
 
     from harden import progress
+    from harden.purify import options_from_pairs
     from harden.report import Report, Table, emit
     from harden.scan import verdict as calibration
 
     progress.set_enabled(False)
+    options = options_from_pairs(args.settings)
     rows, kept, purified = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
@@ -301,7 +308,7 @@ def main() -> None:
                              round(r["p"], 3) if r["p"] is not None else None, r["verdict"], r["suspects"], round(r["seconds"], 1)])
                 print(" ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
                 for method in (m for m in args.purify.split(",") if m and backdoored and implanted):
-                    purified.append(purify_row(built, method))
+                    purified.append(purify_row(built, method, options))
                     print(" ".join(str(c) for c in purified[-1]), file=sys.stderr, flush=True)
     labels = [int(r["backdoored"]) for r in kept]
     summary = {"seed": args.seed, "models": len(kept), "backdoored": sum(labels),
