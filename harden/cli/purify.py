@@ -11,19 +11,16 @@ from harden.cli.options import CommandContext, common_options, data_options, mod
 from harden.errors import EXIT_OK, HardenError
 from harden.publish import check_output_dir, publish, target_name
 from harden.purify import DEFAULT_METHOD, METHODS, purify
-from harden.purify.base import split_settings
+from harden.purify.base import parse_setting_pairs, split_settings
 from harden.report import emit
 
 
 def setting_pairs(_ctx, _param, values: tuple[str, ...]) -> dict[str, str]:
     """`--set KEY=VALUE` options as a dict (checked against the method's settings later)."""
-    settings = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"{item!r}: expected KEY=VALUE, e.g. lr=1e-4")
-        settings[key.strip().replace("-", "_")] = value.strip()
-    return settings
+    try:
+        return parse_setting_pairs(values)
+    except HardenError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 @click.command("purify")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -86,16 +86,30 @@ def split_settings(method: "Method", pairs: dict[str, Any]) -> dict[str, dict[st
     return {method.name: own, "inversion": inversion}
 
 
+def parse_setting_pairs(items: Iterable[str]) -> dict[str, str]:
+    """`KEY=VALUE` strings (`--set`) as a dict, keys spelt with underscores (`trigger-fraction` is
+    `trigger_fraction`); values stay strings until a method's defaults coerce them."""
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise HardenError(f"{item!r}: expected KEY=VALUE, e.g. lr=1e-4")
+        settings[key.strip().replace("-", "_")] = value.strip()
+    return settings
+
+
 def options_from_pairs(pairs: list[str]) -> dict[str, dict[str, str]]:
     """`METHOD.KEY=VALUE` strings (`trigger-unlearn.lr=1e-3`, `inversion.max_steps=100`) as purify's
     `options`, for scripts that compare several methods' settings in one call."""
     options: dict[str, dict[str, str]] = {}
     for pair in pairs:
-        name, equals, value = pair.partition("=")
-        method, dot, key = name.partition(".")
-        if not (equals and dot and method and key):
-            raise HardenError(f"{pair!r}: expected METHOD.KEY=VALUE, e.g. trigger-unlearn.lr=1e-3")
-        options.setdefault(method, {})[key] = value
+        method, dot, setting = pair.partition(".")
+        try:
+            if not dot or not method.strip() or "=" in method:
+                raise HardenError(pair)
+            options.setdefault(method.strip(), {}).update(parse_setting_pairs([setting]))
+        except HardenError:
+            raise HardenError(f"{pair!r}: expected METHOD.KEY=VALUE, e.g. trigger-unlearn.lr=1e-3") from None
     return options
 
 
