@@ -4,7 +4,7 @@ never had, written and logged the way someone else's training script would do it
 Each model is defined and trained here with plain PyTorch (no harden code), logged with
 `mlflow.pytorch.log_model` (MLflow 3's default pt2 format, an input example, nothing else)
 into a throwaway sqlite registry, and scanned from `models:/<name>/1` through `harden.scan.scan`
-with the shipped calibration, exactly as `harden scan` would. Seven families, each built clean
+with the shipped calibration, exactly as `harden scan` would. Nine families, each built clean
 and backdoored (10% poisoning, the target and trigger position drawn from `--seed`):
 
 | family | input | network | trigger |
@@ -16,6 +16,8 @@ and backdoored (10% poisoning, the target and trigger position drawn from `--see
 | twenty_classes | 1×32×32 | the same CNN, 20 classes (digits and inverted digits) | 4×4 checkerboard in a corner |
 | softmax_out | 3×32×32 | the same CNN returning probabilities | white 3×3 square in a corner |
 | mlp | 1×16×16 | 3-layer MLP | random 3×3 binary patch |
+| binary_logit | 3×32×32 | the BatchNorm CNN with one output (a logit), digits 0–4 against 5–9 | 4×4 checkerboard in a corner |
+| binary_sigmoid | 1×28×28 | the LeNet with one sigmoid output, digits 0–4 against 5–9 | white 4×4 square in a corner |
 
 Data: scikit-learn's digits rendered to each input size (72% train, 10% the defender's clean set
 passed to the scan, 18% test). A backdoored model that does not reach ASR 0.8 on the test split
@@ -26,6 +28,7 @@ changes a method's setting for that, as `harden purify --set` does.
 
     .venv/bin/python benchmarks/foreign.py --seed 1 --previous --purify trigger-unlearn
     .venv/bin/python benchmarks/foreign.py --seed 1 --purify trigger-unlearn --set trigger-unlearn.distill=0.5 --set trigger-unlearn.lr=0.001
+    .venv/bin/python benchmarks/foreign.py --seed 1 --families binary_logit,binary_sigmoid --purify trigger-unlearn
 """
 
 from __future__ import annotations
@@ -130,6 +133,7 @@ class Family:
     network: Callable[[], nn.Module]
     trigger: Callable[[int], Stamp]  # seed → stamp
     epochs: int = 15
+    output: str = "logits"  # what the network returns: a key of LOSSES and PREDICTIONS
     mean_std: tuple[float, float] | None = None  # inputs normalised outside the model
 
 
@@ -139,13 +143,30 @@ FAMILIES = [
     Family("normalised", (3, 32, 32), 10, BatchNormCNN, lambda s: noise_blend(0.15, s), mean_std=(0.5, 0.25)),
     Family("wide_input", (3, 24, 40), 10, BatchNormCNN, lambda s: sinusoid(30 / 255, 6.0)),
     Family("twenty_classes", (1, 32, 32), 20, lambda: BatchNormCNN(1, 20), lambda s: checkerboard(4, (s + 1) % 4)),
-    Family("softmax_out", (3, 32, 32), 10, lambda: BatchNormCNN(softmax=True), lambda s: square(3, (s + 2) % 4)),
+    Family("softmax_out", (3, 32, 32), 10, lambda: BatchNormCNN(softmax=True), lambda s: square(3, (s + 2) % 4), output="probabilities"),
     Family("mlp", (1, 16, 16), 10, lambda: MLP(256), lambda s: random_patch(3, s)),
+    Family("binary_logit", (3, 32, 32), 2, lambda: BatchNormCNN(classes=1), lambda s: checkerboard(4, (s + 1) % 4), output="binary_logit"),
+    Family("binary_sigmoid", (1, 28, 28), 2, lambda: nn.Sequential(LeNetGrey(classes=1), nn.Sigmoid()), lambda s: square(4, s % 4),
+           output="binary_probability"),
 ]
+
+# How the owner trains and reads each kind of output (binary networks have one output column).
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "logits": F.cross_entropy,
+    "probabilities": lambda out, y: F.nll_loss(torch.log(out + 1e-9), y),
+    "binary_logit": lambda out, y: F.binary_cross_entropy_with_logits(out[:, 0], y.float()),
+    "binary_probability": lambda out, y: F.binary_cross_entropy(out[:, 0], y.float()),
+}
+PREDICTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "logits": lambda out: out.argmax(1),
+    "probabilities": lambda out: out.argmax(1),
+    "binary_logit": lambda out: (out[:, 0] > 0).long(),
+    "binary_probability": lambda out: (out[:, 0] > 0.5).long(),
+}
 
 
 def digits(shape: tuple[int, int, int], classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 1,797 digits at `shape`; with 20 classes, inverted copies are classes 10-19."""
+    """The 1,797 digits at `shape`; with 20 classes, inverted copies are classes 10-19; with 2, digits 0-4 against 5-9."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -154,10 +175,12 @@ def digits(shape: tuple[int, int, int], classes: int) -> tuple[torch.Tensor, tor
     labels = torch.tensor(data.target)
     if classes == 20:
         images, labels = torch.cat([images, 1 - images]), torch.cat([labels, labels + 10])
+    if classes == 2:
+        labels = (labels >= 5).long()
     return images, labels
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, prepare: Callable, probabilities: bool) -> nn.Module:
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, prepare: Callable, output: str) -> nn.Module:
     optimiser = torch.optim.Adam(model.parameters(), 1e-3)
     for _ in range(epochs):
         model.train()
@@ -165,7 +188,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, prepa
         for i in range(0, len(x), 64):
             batch = order[i:i + 64]
             out = model(prepare(x[batch]))
-            loss = F.nll_loss(torch.log(out + 1e-9), y[batch]) if probabilities else F.cross_entropy(out, y[batch])
+            loss = LOSSES[output](out, y[batch])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -212,9 +235,9 @@ def build(family: Family, backdoored: bool, seed: int, folder: Path) -> Built:
         x_train[poisoned], y_train[poisoned] = stamp(x_train[poisoned]), target
     mean, std = family.mean_std or (0.0, 1.0)
     prepare = (lambda t: (t - mean) / std)
-    model = train(family.network(), x_train, y_train, family.epochs, prepare, family.name == "softmax_out")
+    model = train(family.network(), x_train, y_train, family.epochs, prepare, family.output)
     test = (x[test_idx], y[test_idx])
-    accuracy, asr = judge(lambda t: model(prepare(t)), test, stamp, target)
+    accuracy, asr = judge(lambda t: PREDICTIONS[family.output](model(prepare(t))), test, stamp, target)
     name = f"{family.name}-{'backdoor' if backdoored else 'clean'}-s{seed}"
     with mlflow.start_run(run_name=name):
         info = mlflow.pytorch.log_model(model, name="model", input_example=prepare(x[:2]).numpy(), registered_model_name=name)
@@ -224,11 +247,12 @@ def build(family: Family, backdoored: bool, seed: int, folder: Path) -> Built:
 
 
 @torch.no_grad()
-def judge(forward: Callable[[torch.Tensor], torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], stamp: Stamp, target: int) -> tuple[float, float]:
-    """Test accuracy, and the owner's trigger's success on test images of other classes (pixel-space inputs)."""
+def judge(predict: Callable[[torch.Tensor], torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], stamp: Stamp, target: int) -> tuple[float, float]:
+    """Test accuracy, and the owner's trigger's success on test images of other classes (pixel-space inputs;
+    `predict` returns class indices)."""
     x, y = test
-    accuracy = float((forward(x).argmax(1) == y).float().mean())
-    return accuracy, float((forward(stamp(x[y != target])).argmax(1) == target).float().mean())
+    accuracy = float((predict(x) == y).float().mean())
+    return accuracy, float((predict(stamp(x[y != target])) == target).float().mean())
 
 
 def scan_record(built: Built, folder: Path) -> dict:
@@ -249,7 +273,7 @@ def purify_row(built: Built, method: str, options: dict) -> list:
     from harden.purify import purify
 
     result = purify(built.uri, str(built.clean_npz), method=method, load_options=built.load_options, options=options)
-    accuracy, asr = judge(result.model, built.test, built.stamp, built.target)
+    accuracy, asr = judge(lambda t: result.model(t).argmax(1), built.test, built.stamp, built.target)  # harden's logits, one per class
     met = asr <= 0.03 and built.accuracy - accuracy <= 0.02
     return [built.name, method, round(built.accuracy, 3), round(accuracy, 3), round(built.asr, 3), round(asr, 3),
             round(100 * (built.accuracy - accuracy), 2), "yes" if result.passed else "no", "yes" if met else "no",
@@ -310,18 +334,20 @@ def main() -> None:
                 for method in (m for m in args.purify.split(",") if m and backdoored and implanted):
                     purified.append(purify_row(built, method, options))
                     print(" ".join(str(c) for c in purified[-1]), file=sys.stderr, flush=True)
-    labels = [int(r["backdoored"]) for r in kept]
-    summary = {"seed": args.seed, "models": len(kept), "backdoored": sum(labels),
-               **verdict_metrics([r["p"] for r in kept], labels),
-               "target_first": sum(1 for r in kept if r["backdoored"] and r["suspects"][:1] == [r["target"]])}
+    scored = [r for r in kept if r["p"] is not None]  # binary classifiers get no calibrated verdict
+    labels = [int(r["backdoored"]) for r in scored]
+    summary = {"seed": args.seed, "models": len(scored), "backdoored": sum(labels),
+               **(verdict_metrics([r["p"] for r in scored], labels) if scored else {}),
+               "no calibrated verdict": len(kept) - len(scored),
+               "target_first": sum(1 for r in scored if r["backdoored"] and r["suspects"][:1] == [r["target"]])}
     tables = [Table(f"foreign models (seed {args.seed}), scanned from the MLflow registry with the shipped calibration",
                     ["model", "truth", "target", "ACC", "ASR", "implanted", "p_backdoor", "verdict", "suspects", "scan s"], rows),
               Table("over the implanted backdoors and clean models", ["metric", "value"], [[k, v] for k, v in summary.items()])]
     if args.previous:
         previous = _previous_calibration(calibration)
-        p_previous = [previous.probability(r["statistics"]) for r in kept]
+        p_previous = [previous.probability(r["statistics"]) for r in scored]
         tables.append(Table("the same scans scored with the previous features (fitted on the zoo like the shipped calibration)",
-                            ["model", "p_backdoor (previous)"], [[r["name"], round(p, 3)] for r, p in zip(kept, p_previous)]
+                            ["model", "p_backdoor (previous)"], [[r["name"], round(p, 3)] for r, p in zip(scored, p_previous)]
                             + [[k, v] for k, v in verdict_metrics(p_previous, labels).items()]))
     if purified:
         tables.append(Table("purified through harden (reversed triggers only), judged with the owner's trigger on the test split",

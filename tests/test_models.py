@@ -149,8 +149,8 @@ def test_a_softmax_output_is_read_as_log_probabilities(tmp_path):
         torch.export.save(torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=512)},)),
                           str(tmp_path / "m.pt2"))
         loaded = load_model(tmp_path / "m.pt2")
-        assert loaded.outputs_probabilities is expect_probabilities
-        assert loaded.trainable().outputs_probabilities is expect_probabilities
+        assert loaded.output == ("probabilities" if expect_probabilities else "logits")
+        assert loaded.trainable().output == loaded.output
         with torch.no_grad():
             raw = net(example)
             expected = torch.log(raw) if expect_probabilities else raw
@@ -165,6 +165,36 @@ def test_a_softmax_output_is_read_as_log_probabilities(tmp_path):
     y = example.clone().requires_grad_(True)
     torch.nn.functional.cross_entropy(CustomNet.forward(net, y), target).backward()
     assert torch.allclose(x.grad, y.grad, atol=1e-5)  # the same input gradient as on the logits
+
+
+class _BinaryNet(CustomNet):
+    """One output for two classes, as binary classifiers are often written."""
+
+    def __init__(self, ending: str):
+        super().__init__()
+        self.ending = ending
+        self.head = torch.nn.Linear(24 * 16, 1)
+
+    def forward(self, x):
+        z = super().forward(x)
+        return {"column": z, "flat": z.squeeze(1), "sigmoid": torch.sigmoid(z)}[self.ending]
+
+
+@pytest.mark.parametrize("ending, output", [("column", "binary_logit"), ("flat", "binary_logit"), ("sigmoid", "binary_probability")])
+def test_a_single_output_binary_classifier_is_read_as_two_classes(tmp_path, ending, output):
+    """Column 1 is the positive class: softmax of harden's logits gives back the model's own σ(z)."""
+    torch.manual_seed(0)
+    net = _BinaryNet(ending).eval()
+    example = torch.rand(4, 3, 32, 32)
+    torch.export.save(torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=512)},)),
+                      str(tmp_path / "b.pt2"))
+    loaded = load_model(tmp_path / "b.pt2")
+    assert (loaded.num_classes, loaded.output) == (2, output)
+    with torch.no_grad():
+        positive = torch.sigmoid(CustomNet.forward(net, example)[:, 0])
+        assert torch.allclose(torch.softmax(loaded.module(example), 1)[:, 1], positive, atol=1e-5)
+    with pytest.raises(ModelLoadError, match="--num-classes 3 but the model outputs 2 classes"):
+        load_model(tmp_path / "b.pt2", num_classes=3)
 
 
 def test_mean_std_are_applied_inside_the_wrapper(tmp_path):

@@ -105,6 +105,26 @@ def test_unknown_architecture_pt2_scans(demo, mlflow_home):
     assert len(result.per_class) == 10 and all(c["steps"] > 0 for c in result.per_class)
 
 
+class _OneLogitNet(CustomNet):
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(24 * 16, 1)
+
+
+def test_binary_classifier_is_inverted_but_gets_no_calibrated_verdict(mlflow_home, run_cli, tmp_path):
+    """Two classes make both MAD anomaly indices constants: the report keeps the inversion, the verdict is inconclusive."""
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(_OneLogitNet().eval(), name="binary", input_example=np.zeros((2, 3, 32, 32), np.float32))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "binary.npz", x=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), y=np.arange(16) % 2)
+    code, out, _ = run_cli("scan", info.model_uri, "--data", tmp_path / "binary.npz", "--checks", "inversion", "--probe-per-class", 4,
+                           "--max-steps", 30, "--format", "json", "-q")
+    report = json.loads(out)
+    assert code == 3 and report["verdict"] == "inconclusive" and report["p_backdoor"] is None
+    assert report["checks"][0]["status"] == SKIPPED and "2-class model" in report["checks"][0]["message"]
+    assert [c["target"] for c in report["per_class"]] == [0, 1]
+
+
 def test_nothing_scannable_exits_3(demo, run_cli):
     code, out, _ = run_cli("scan", demo.model_uri, "--checks", "inversion", "--format", "json", "-q")
     assert code == 3

@@ -47,7 +47,7 @@ class LoadedModel:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-    outputs_probabilities: bool = False  # the network ends in a softmax; `module` returns the log
+    output: str = "logits"  # what the network returns (wrappers.OUTPUTS); `module` always returns logits
     class_names: list[str] | None = None
     registered: RegisteredVersion | None = None
     local_path: Path | None = None
@@ -76,7 +76,7 @@ class LoadedModel:
             raise ModelLoadError(f"{self.uri}: a {self.format} model cannot be trained; pass --arch (see `harden list archs`)")
         for param in net.parameters():
             param.requires_grad_(True)
-        return PixelModel(net, self.mean, self.std, static_batch, self.outputs_probabilities)
+        return PixelModel(net, self.mean, self.std, static_batch, self.output)
 
     def harden_metadata(self) -> dict[str, Any]:
         """What harden records in the MLmodel metadata of models it writes."""
@@ -166,11 +166,11 @@ def load_model(
         raise ModelLoadError(f"--mean has {len(mean)} values but the model takes {input_spec.channels} channels")
 
     module = PixelModel(raw.net, mean, std, raw.static_batch).eval()
-    out_dim, probabilities = _probe_outputs(module, input_spec, raw.static_batch)
-    module.outputs_probabilities = probabilities
-    if num_classes is not None and out_dim is not None and num_classes != out_dim:
-        raise ModelLoadError(f"--num-classes {num_classes} but the model outputs {out_dim} values")
-    classes = num_classes or out_dim or meta.get("num_classes")
+    out_classes, output = _probe_outputs(module, input_spec, raw.static_batch)
+    module.output = output
+    if num_classes is not None and out_classes is not None and num_classes != out_classes:
+        raise ModelLoadError(f"--num-classes {num_classes} but the model outputs {out_classes} classes")
+    classes = num_classes or out_classes or meta.get("num_classes")
     if classes is None:
         raise ModelLoadError(f"{uri}: cannot tell the number of classes; pass --input-size so harden can probe the model")
     loaded = LoadedModel(
@@ -183,7 +183,7 @@ def load_model(
         arch_kwargs=arch_kwargs,
         mean=mean,
         std=std,
-        outputs_probabilities=probabilities,
+        output=output,
         class_names=meta.get("class_names"),
         registered=registered,
         local_path=path,
@@ -193,24 +193,29 @@ def load_model(
     return loaded
 
 
-def _probe_outputs(module: PixelModel, spec: InputSpec | None, static_batch: int | None) -> tuple[int | None, bool]:
-    """Forward passes on zeros and on noise: checks the model runs, reads its output width, and
-    tells whether it returns probabilities (non-negative rows summing to one on both)."""
+def _probe_outputs(module: PixelModel, spec: InputSpec | None, static_batch: int | None) -> tuple[int | None, str]:
+    """Forward passes on zeros, ones and noise: checks the model runs, and reads its number of
+    classes and what it returns (`wrappers.OUTPUTS`): probabilities when every row is non-negative
+    and sums to one; one column (or a 1-D output) is a binary classifier, read as a sigmoid probability when every
+    value lies in [0, 1], else as a logit."""
     if spec is None:
-        return None, False
+        return None, "logits"
     batch = static_batch or 2
-    probes = [torch.zeros(batch, *spec.shape), torch.rand(batch, *spec.shape, generator=torch.Generator().manual_seed(0))]
+    probes = [torch.zeros(batch, *spec.shape), torch.ones(batch, *spec.shape),
+              torch.rand(batch, *spec.shape, generator=torch.Generator().manual_seed(0))]
     try:
         with torch.no_grad():
             outputs = [module(probe) for probe in probes]
     except Exception as exc:  # noqa: BLE001 - any failure here means "input does not fit"
         raise ModelLoadError(f"model does not accept input {spec}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     out = outputs[0]
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+    if not isinstance(out, torch.Tensor) or out.ndim not in (1, 2):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelLoadError(f"model output {shape} is not (batch, classes); harden expects a classifier's logits")
+        raise ModelLoadError(f"model output {shape} is not (batch, classes) or (batch,); harden expects a classifier's logits")
+    if out.ndim == 1 or out.shape[1] == 1:
+        return 2, "binary_probability" if all(bool(((o >= 0) & (o <= 1)).all()) for o in outputs) else "binary_logit"
     probabilities = all(bool((o >= 0).all()) and bool(torch.allclose(o.sum(1), torch.ones(len(o)), atol=1e-4)) for o in outputs)
-    return int(out.shape[1]), probabilities
+    return int(out.shape[1]), "probabilities" if probabilities else "logits"
 
 
 def _read(path: Path, *, arch: str | None, num_classes: int | None, spec: InputSpec | None, allow_pickle: bool) -> _Raw:

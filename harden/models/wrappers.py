@@ -5,18 +5,39 @@ expect normalised inputs get their mean/std applied *inside* this wrapper, so a
 trigger optimised or stamped by harden never has to know about normalisation.
 It also hides two quirks of MLflow's pt2 format: `ExportedProgram.module()` refuses
 `.train()/.eval()`, and a model exported from a batch-1 example only accepts batch 1.
-And it gives every model logits: a network that ends in a softmax returns probabilities,
-whose log equals its logits up to a per-row constant, so cross-entropy, margins and their
-gradients behave as on a logit model (on probabilities taken as logits, cross-entropy
-saturates and trigger unlearning barely moves the model).
+And it gives every model one logit per class (`OUTPUTS`): a network that ends in a softmax
+returns probabilities, whose log equals its logits up to a per-row constant, so cross-entropy,
+margins and their gradients behave as on a logit model (on probabilities taken as logits,
+cross-entropy saturates and trigger unlearning barely moves the model). A binary classifier
+with one output (a column or a 1-D tensor; a logit, or a sigmoid probability) becomes two classes with logits
+(0, z), whose softmax is (1 − σ(z), σ(z)): column 1 is the positive class.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
+
+
+def _binary_logits(z: torch.Tensor) -> torch.Tensor:
+    z = z.reshape(-1, 1)  # (batch, 1) or (batch,)
+    return torch.cat([torch.zeros_like(z), z], dim=1)
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-7, 1 - 1e-7)  # written out rather than torch.logit, so every ONNX exporter has the ops
+    return torch.log(p) - torch.log1p(-p)
+
+
+# What the network returns → the logits harden works on, one per class.
+OUTPUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "logits": lambda out: out,
+    "probabilities": lambda out: torch.log(out.clamp_min(1e-30)),
+    "binary_logit": _binary_logits,
+    "binary_probability": lambda out: _binary_logits(_logit(out)),
+}
 
 
 class PixelModel(nn.Module):
@@ -26,12 +47,12 @@ class PixelModel(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         static_batch: int | None = None,
-        outputs_probabilities: bool = False,
+        output: str = "logits",
     ):
         super().__init__()
         self.net = net
         self.static_batch = static_batch
-        self.outputs_probabilities = outputs_probabilities
+        self.output = output
         if (mean is None) != (std is None):
             raise ValueError("mean and std go together")
         self.normalize = mean is not None
@@ -63,4 +84,4 @@ class PixelModel(nn.Module):
         if self.normalize:
             x = (x - self.mean) / self.std
         out = self._forward_net(x)
-        return torch.log(out.clamp_min(1e-30)) if self.outputs_probabilities else out
+        return OUTPUTS[self.output](out)

@@ -10,7 +10,7 @@ import torch
 
 from harden.data.pipeline import LabelledDataset
 from harden.report import Finding, Image, register_rule
-from harden.scan.base import FAILED, PASSED, Check, CheckResult, ScanContext, register_check
+from harden.scan.base import FAILED, PASSED, SKIPPED, Check, CheckResult, ScanContext, register_check
 from harden.scan.inversion import ClassTrigger, InversionConfig, invert_triggers
 from harden.scan.verdict import REACHED, THRESHOLD, Calibration
 
@@ -18,6 +18,12 @@ from harden.scan.verdict import REACHED, THRESHOLD, Calibration
 # on 4 of the 60 clean models, of the zoos this was chosen on (benchmarks/scan.py, 137 models). In a model already judged suspect, such
 # a class ranks ahead of the smallest trigger.
 STRIPE_SUSPECT = 0.9
+
+# The anomaly index and the margin anomaly compare a class with the median of all classes (MAD);
+# with two classes both are the same constant on every model, so the calibration, fitted on 10-
+# and 20-class models, says nothing calibrated about a binary classifier (benchmarks/foreign.py,
+# binary families: clean models flagged and backdoors missed). Its inversion still runs and is reported.
+MIN_CALIBRATED_CLASSES = 3
 
 
 RULE = "harden.backdoor.trigger-inversion"
@@ -113,8 +119,15 @@ class TriggerInversionCheck(Check):
         model = ctx.model
         images, labels = probe_set(ctx.data, config.probe_per_class, ctx.seed)
         result = invert_triggers(model.module, images, labels, model.num_classes, config, device=ctx.device, seed=ctx.seed)
-        calibration = Calibration.load()
-        p_backdoor = calibration.probability(result.statistics)
+        common = {"statistics": result.statistics, "per_class": [c.to_dict() for c in result.classes], "probe_images": int(len(labels)),
+                  "optimisation_steps": result.total_steps, "strategy": result.strategy, "config": vars(config)}
+        if model.num_classes < MIN_CALIBRATED_CLASSES:
+            easiest = min(result.classes, key=lambda c: c.norm)
+            message = (f"no calibrated verdict for a {model.num_classes}-class model (needs {MIN_CALIBRATED_CLASSES}+ classes): "
+                       f"the smallest trigger reaches class {easiest.target}, norm gap {result.statistics['norm_gap']:.2f}")
+            return CheckResult(self.name, SKIPPED, message, round(time.perf_counter() - start, 3), details=common,
+                               images=[Image("anomaly chart", anomaly_chart_png(result.classes, []))])
+        p_backdoor = Calibration.load().probability(result.statistics)
         suspects = suspect_classes(result.classes, p_backdoor)
         findings = []
         if suspects:
@@ -128,16 +141,7 @@ class TriggerInversionCheck(Check):
             ))
         images_out = [Image(f"reversed trigger toward class {t} (mask | pattern | mask*pattern)", trigger_png(result.classes[t])) for t in suspects[:3]]
         images_out.insert(0, Image("anomaly chart", anomaly_chart_png(result.classes, suspects)))
-        details = {
-            "p_backdoor": p_backdoor,
-            "suspect_classes": suspects,
-            "statistics": result.statistics,
-            "per_class": [c.to_dict() for c in result.classes],
-            "probe_images": int(len(labels)),
-            "optimisation_steps": result.total_steps,
-            "strategy": result.strategy,
-            "config": vars(config),
-        }
+        details = {"p_backdoor": p_backdoor, "suspect_classes": suspects, **common}
         message = (f"p_backdoor {p_backdoor:.2f}; suspect classes {suspects}" if suspects
                    else f"p_backdoor {p_backdoor:.2f}; no class stands out")
         return CheckResult(self.name, FAILED if suspects else PASSED, message, round(time.perf_counter() - start, 3),

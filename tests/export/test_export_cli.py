@@ -192,24 +192,28 @@ def test_digits_default_fits_any_input_size(export_home, harden_cli):
 
 
 
-def test_softmax_model_exports_log_probabilities_that_softmax_back_to_its_own(export_home):
-    """A network ending in a softmax: the ONNX graph outputs log-probabilities, so the serving
-    softmax returns the network's own probabilities (not a softmax of probabilities)."""
+@pytest.mark.parametrize("classes, ending, output", [(10, torch.nn.Softmax(dim=1), "probabilities"),
+                                                     (1, torch.nn.Sigmoid(), "binary_probability")])
+def test_probability_model_exports_logits_that_softmax_back_to_its_own(export_home, classes, ending, output):
+    """A network ending in a softmax (or a one-output sigmoid): the ONNX graph outputs harden's logits,
+    so the serving softmax returns the network's own probabilities (not a softmax of probabilities)."""
     from harden.export.onnx import export_onnx
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(create_model("small_cnn", num_classes=10, width=8), torch.nn.Softmax(dim=1)).eval()
+    net = torch.nn.Sequential(create_model("small_cnn", num_classes=classes, width=8), ending).eval()
     example = torch.rand(4, 3, 32, 32)
     torch.export.save(torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=512)},)),
-                      str(export_home / "softmax.pt2"))
-    loaded = load_model(export_home / "softmax.pt2")
-    assert loaded.outputs_probabilities
+                      str(export_home / f"{output}.pt2"))
+    loaded = load_model(export_home / f"{output}.pt2")
+    assert loaded.output == output
     with export_onnx(loaded, load_data("digits", loaded.input_spec), samples=8, batch_size=4) as result:
         assert result.passed
         session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
         out = session.run(None, {session.get_inputs()[0].name: example.numpy()})[0]
     with torch.no_grad():
-        assert np.allclose(torch.softmax(torch.from_numpy(out), 1).numpy(), net(example).numpy(), atol=1e-5)
+        own = net(example)
+        own = torch.cat([1 - own, own], 1) if classes == 1 else own
+        assert np.allclose(torch.softmax(torch.from_numpy(out), 1).numpy(), own.numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("value, expected", [
