@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harden import distributed
 from harden.data.pipeline import LabelledDataset
 from harden.errors import HardenError
 from harden.evaluation import evaluate
@@ -223,8 +224,12 @@ class BestCheckpoint:
         return score
 
     def restore(self) -> None:
+        """Put the kept weights back. Under torchrun only rank 0 validates (`fit` runs
+        `on_epoch_end` there), so the other ranks take rank 0's kept weights."""
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+        if distributed.context().enabled:
+            distributed.broadcast_parameters(self.model)
         self.model.eval()
 
 

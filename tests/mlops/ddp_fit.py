@@ -34,8 +34,20 @@ def train() -> tuple[torch.nn.Module, list[float]]:
     return model, fit(model, toy_data(), CONFIG)
 
 
+def train_keeping_the_best() -> torch.nn.Module:
+    """`fit` with purify's checkpoint rule: only rank 0 validates, every rank must end on its choice."""
+    from harden.purify.base import BestCheckpoint, PurifyContext
+
+    model, data = plain_net(), toy_data()
+    checkpoint = BestCheckpoint(model, PurifyContext(source=None, train=data, validation=data, triggers=[], device=torch.device("cpu"),
+                                                     seed=0))
+    fit(model, data, CONFIG, on_epoch_end=checkpoint.update)
+    checkpoint.restore()
+    return model
+
+
 if __name__ == "__main__":
     with distributed.launched("cpu") as ctx:
         model, history = train()
-        torch.save({"state": model.state_dict(), "history": history, "world_size": ctx.world_size, "backend": ctx.backend},
-                   f"{sys.argv[1]}.rank{ctx.rank}")
+        torch.save({"state": model.state_dict(), "history": history, "world_size": ctx.world_size, "backend": ctx.backend,
+                    "kept": train_keeping_the_best().state_dict()}, f"{sys.argv[1]}.rank{ctx.rank}")

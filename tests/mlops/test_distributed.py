@@ -41,6 +41,10 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path):
     assert ranks[0]["history"] == ranks[1]["history"]
     torch.testing.assert_close(torch.tensor(ranks[0]["history"]), torch.tensor(history), rtol=1e-5, atol=1e-6)
     assert history[-1] < history[0]  # it trained
+    kept = ddp_fit.train_keeping_the_best().state_dict()
+    for name, tensor in kept.items():  # the checkpoint rank 0 kept is the one every rank ends on
+        torch.testing.assert_close(ranks[1]["kept"][name], ranks[0]["kept"][name], rtol=0, atol=0)
+        torch.testing.assert_close(ranks[0]["kept"][name], tensor, rtol=1e-4, atol=1e-5)
 
 
 def one_and_two_processes(run_cli, mlflow_home: Path, args: list[str]) -> tuple[dict, dict]:
