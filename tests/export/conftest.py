@@ -49,6 +49,14 @@ def export_home(tmp_path_factory):
     tracking.configure(saved_uri)
 
 
+@pytest.fixture(autouse=True)
+def _export_store_active(export_home):
+    """The session-wide store of tests/conftest.py is restored after every test; when it was set up
+    before these tests ran, point MLflow and BentoML back at this private home for each of them."""
+    os.environ.update(MLFLOW_TRACKING_URI=f"sqlite:///{export_home / 'mlflow.db'}", BENTOML_HOME=str(export_home / "bentoml"))
+    tracking.configure(os.environ["MLFLOW_TRACKING_URI"])
+
+
 @pytest.fixture(scope="session")
 def lineage_tags() -> dict[str, str]:
     return dict(LINEAGE_TAGS)
