@@ -197,6 +197,19 @@ def test_a_single_output_binary_classifier_is_read_as_two_classes(tmp_path, endi
         load_model(tmp_path / "b.pt2", num_classes=3)
 
 
+class _ChannelsLastNet(CustomNet):
+    def forward(self, x):
+        return super().forward(x.permute(0, 3, 1, 2))
+
+
+def test_a_channels_last_model_is_a_clear_error_not_a_misread_input(tmp_path):
+    example = torch.rand(4, 32, 32, 3)
+    torch.export.save(torch.export.export(_ChannelsLastNet().eval(), (example,),
+                                          dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=512)},)), str(tmp_path / "nhwc.pt2"))
+    with pytest.raises(ModelLoadError, match=r"\(batch, 32, 32, 3\), which looks channels-last"):
+        load_model(tmp_path / "nhwc.pt2")
+
+
 def test_mean_std_are_applied_inside_the_wrapper(tmp_path):
     net = CustomNet().eval()
     torch.jit.trace(net, torch.rand(2, 3, 32, 32)).save(str(tmp_path / "m.ts"))

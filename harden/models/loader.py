@@ -158,6 +158,11 @@ def load_model(
     arch = arch or meta.get("arch")
     arch_kwargs = dict(meta.get("arch_kwargs") or {})
     input_spec = spec or (InputSpec.from_shape(meta["input_shape"]) if meta.get("input_shape") else None) or raw.input_spec
+    if spec is None and input_spec is not None and input_spec.channels > 4 and input_spec.width in (1, 3, 4):
+        c, h, w = input_spec.shape
+        raise ModelLoadError(f"{uri}: the model takes (batch, {c}, {h}, {w}), which looks channels-last (batch, height, width, channels); "
+                             f"harden feeds (batch, channels, height, width) images: log a model whose forward takes that layout "
+                             f"(e.g. one that calls yours on x.permute(0, 2, 3, 1)), or pass --input-size CxHxW if this reading is wrong")
     mean = tuple(mean) if mean else (tuple(meta["mean"]) if meta.get("mean") else None)
     std = tuple(std) if std else (tuple(meta["std"]) if meta.get("std") else None)
     if (mean is None) != (std is None):
