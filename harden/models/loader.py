@@ -214,7 +214,7 @@ def _probe_outputs(module: PixelModel, spec: InputSpec | None, static_batch: int
     except Exception as exc:  # noqa: BLE001 - any failure here means "input does not fit"
         raise ModelLoadError(f"model does not accept input {spec}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     out = outputs[0]
-    if not isinstance(out, torch.Tensor) or out.ndim not in (1, 2):
+    if not isinstance(out, torch.Tensor) or out.ndim not in (1, 2) or (out.ndim == 1 and len(out) != batch):  # (classes,): a squeezed batch of 1
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelLoadError(f"model output {shape} is not (batch, classes) or (batch,); harden expects a classifier's logits")
     if out.ndim == 1 or out.shape[1] == 1:
