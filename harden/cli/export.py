@@ -35,7 +35,7 @@ class ExportRun:
 def run_export(ctx: CommandContext, loaded: LoadedModel, data: str, resize: bool, *, onnx_path: Path | None,
                bento_name: str | None, opset: int | None = None, samples: int = 256, batch_size: int = 64) -> ExportRun:
     """Export inside one MLflow run and keep the results only when parity passes (shared with `harden serve`)."""
-    dataset = load_data(data, loaded.input_spec, num_classes=loaded.num_classes, resize=resize)
+    dataset = load_data(data, loaded.input_spec, resize=resize)  # parity needs images only: labels of any range will do
     source_uri = loaded.registered.uri if loaded.registered else loaded.uri
     params = {"data": data, "samples": samples, "batch_size": batch_size, "opset": opset, "onnx": onnx_path,
               "bento": bento_name, "device": str(ctx.device)}

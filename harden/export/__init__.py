@@ -5,7 +5,7 @@
     from harden.export import export_onnx, publish
 
     model = harden.load_model("models:/harden-demo@candidate")
-    data = harden.load_data("digits", model.input_spec, num_classes=model.num_classes)
+    data = harden.load_data("digits", model.input_spec)  # images for the parity check; labels are not used
     with tracking.command_run("export", model.registered.uri) as run, export_onnx(model, data) as onnx:
         if onnx.passed:
             publish(onnx, model, run_id=run.info.run_id, onnx_path=Path("model.onnx"), bento_name="demo")

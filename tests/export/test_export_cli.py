@@ -180,15 +180,17 @@ def test_torchscript_is_refused_with_a_reason(export_home, harden_cli):
     assert code == 2 and "TorchScript" in error_line(err)
 
 
-def test_digits_default_fits_any_input_size(export_home, harden_cli):
-    """--data defaults to digits, resized and converted to the model's input (here 1x28x28)."""
+def test_digits_default_fits_any_input_size_and_class_count(export_home, harden_cli):
+    """--data defaults to digits, resized and converted to the model's input (here 1x28x28); its ten
+    labels do not matter to the parity check, so a 3-class model exports with it too."""
     torch.manual_seed(0)
-    save_file(create_model("small_cnn", num_classes=10, in_channels=1).state_dict(), str(export_home / "gray.safetensors"))
+    save_file(create_model("small_cnn", num_classes=3, in_channels=1).state_dict(), str(export_home / "gray.safetensors"))
     code, out, err = harden_cli("export", export_home / "gray.safetensors", "--arch", "small_cnn", "--input-size", "1x28x28",
                                 "--samples", "8", "--batch-size", "4", "--format", "json")
     assert code == 0, err
     report = json.loads(out)
     assert report["data"] == "digits" and report["input"]["shape"] == ["batch", 1, 28, 28]
+    assert report["output"]["shape"] == ["batch", 3] and report["parity"]["passed"]
 
 
 
