@@ -166,6 +166,24 @@ def test_mlflow_pickle_format_is_flagged_but_passes(tmp_path):
     assert all(f.level == "warning" for f in result.findings)
 
 
+def test_notebook_class_in_mlflow_pickle_format_fails_with_the_way_out(tmp_path):
+    """A class defined in __main__ or a notebook is cloudpickled as code: unsafe, and the message says how to re-log it."""
+    import mlflow.pytorch
+
+    class NotebookNet(torch.nn.Module):  # not importable by reference, so cloudpickle stores it by value
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.linear(x.flatten(1))
+
+    mlflow.pytorch.save_model(NotebookNet().eval(), str(tmp_path / "model"), serialization_format="pickle")
+    result = _scan_artifact(tmp_path / "model")
+    assert result.status == FAILED and "cloudpickle" in result.message
+    assert 'serialization_format="pt2"' in result.message
+
+
 @pytest.mark.parametrize("func,filename", [(os.system, "evil.pth"), (subprocess.call, "evil.joblib"), (eval, "evil.pkl")])
 def test_dangerous_payloads_fail_and_never_execute(tmp_path, func, filename):
     import joblib

@@ -80,7 +80,10 @@ class PickleScan:
     def summary(self) -> str:
         if self.dangerous:
             names = ", ".join(sorted({str(g) for g in self.dangerous}))
-            return f"{self.path}: dangerous pickle globals: {names}"
+            hint = ("; cloudpickle stores classes and functions defined in __main__ or a notebook as code that runs on load: "
+                    "re-log the model with mlflow.pytorch.log_model(..., serialization_format=\"pt2\") (MLflow 3's default), "
+                    "or save its weights as safetensors and pass --arch") if any(g.module.startswith("cloudpickle") for g in self.dangerous) else ""
+            return f"{self.path}: dangerous pickle globals: {names}{hint}"
         if self.parse_error:
             return f"{self.path}: pickle data could not be parsed (treated as unsafe): {self.errors[0]}"
         return f"{self.path}: no dangerous pickle globals in {self.files_scanned} file(s)"
