@@ -77,16 +77,18 @@ class PickleScan:
     def unsafe(self) -> bool:
         return bool(self.dangerous) or self.parse_error
 
-    def summary(self) -> str:
+    def summary(self, name: str | None = None) -> str:
+        """One line; `name` (e.g. the model URI) stands in for the scanned path, which may be a temporary download."""
+        where = name or self.path
         if self.dangerous:
             names = ", ".join(sorted({str(g) for g in self.dangerous}))
             hint = ("; cloudpickle stores classes and functions defined in __main__ or a notebook as code that runs on load: "
                     "re-log the model with mlflow.pytorch.log_model(..., serialization_format=\"pt2\") (MLflow 3's default), "
                     "or save its weights as safetensors and pass --arch") if any(g.module.startswith("cloudpickle") for g in self.dangerous) else ""
-            return f"{self.path}: dangerous pickle globals: {names}{hint}"
+            return f"{where}: dangerous pickle globals: {names}{hint}"
         if self.parse_error:
-            return f"{self.path}: pickle data could not be parsed (treated as unsafe): {self.errors[0]}"
-        return f"{self.path}: no dangerous pickle globals in {self.files_scanned} file(s)"
+            return f"{where}: pickle data could not be parsed (treated as unsafe): {self.errors[0]}"
+        return f"{where}: no dangerous pickle globals in {self.files_scanned} file(s)"
 
 
 def scan_pickles(path: str | Path) -> PickleScan:

@@ -99,7 +99,7 @@ class ArtifactSafetyCheck(Check):
         pickle_model = path.is_dir() and _is_mlflow_pickle_model(path)
         findings = _findings(scan, pickle_model)
         if scan.unsafe:
-            status, message = FAILED, scan.summary()
+            status, message = FAILED, scan.summary(ctx.artifact.uri)
         else:
             status = PASSED
             caution = f"; {len(findings)} warning(s)" if findings else ""
