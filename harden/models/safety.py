@@ -40,6 +40,10 @@ _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _NUMPY_MAGIC = b"\x93NUMPY"
 _PICKLE_MAGIC = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
 _MAX_NESTING = 4
+# A model class defined in __main__ or a notebook is pickled by value: its code runs on load.
+_CLOUDPICKLE_HINT = ("; cloudpickle stores classes and functions defined in __main__ or a notebook as code that runs on load: "
+                     "re-log the model with mlflow.pytorch.log_model(..., serialization_format=\"pt2\") (MLflow 3's default), "
+                     "or save its weights as safetensors and pass --arch")
 
 
 @dataclass(frozen=True)
@@ -82,10 +86,8 @@ class PickleScan:
         where = name or self.path
         if self.dangerous:
             names = ", ".join(sorted({str(g) for g in self.dangerous}))
-            hint = ("; cloudpickle stores classes and functions defined in __main__ or a notebook as code that runs on load: "
-                    "re-log the model with mlflow.pytorch.log_model(..., serialization_format=\"pt2\") (MLflow 3's default), "
-                    "or save its weights as safetensors and pass --arch") if any(g.module.startswith("cloudpickle") for g in self.dangerous) else ""
-            return f"{where}: dangerous pickle globals: {names}{hint}"
+            cloudpickled = any(g.module.startswith("cloudpickle") for g in self.dangerous)
+            return f"{where}: dangerous pickle globals: {names}{_CLOUDPICKLE_HINT if cloudpickled else ''}"
         if self.parse_error:
             return f"{where}: pickle data could not be parsed (treated as unsafe): {self.errors[0]}"
         return f"{where}: no dangerous pickle globals in {self.files_scanned} file(s)"

@@ -104,13 +104,15 @@ def options_from_pairs(pairs: list[str]) -> dict[str, dict[str, str]]:
     `options`, for scripts that compare several methods' settings in one call."""
     options: dict[str, dict[str, str]] = {}
     for pair in pairs:
+        usage = f"{pair!r}: expected METHOD.KEY=VALUE, e.g. trigger-unlearn.lr=1e-3"
         method, dot, setting = pair.partition(".")
+        if not dot or not method.strip() or "=" in method:
+            raise HardenError(usage)
         try:
-            if not dot or not method.strip() or "=" in method:
-                raise HardenError(pair)
-            options.setdefault(method.strip(), {}).update(parse_setting_pairs([setting]))
+            parsed = parse_setting_pairs([setting])
         except HardenError:
-            raise HardenError(f"{pair!r}: expected METHOD.KEY=VALUE, e.g. trigger-unlearn.lr=1e-3") from None
+            raise HardenError(usage) from None
+        options.setdefault(method.strip(), {}).update(parsed)
     return options
 
 
