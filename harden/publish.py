@@ -9,6 +9,7 @@ temporary directory that is renamed into place only when complete.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 
 from harden import tracking
@@ -68,17 +70,30 @@ def publish(
     if shape is None:
         raise HardenError(f"{source.uri}: input shape unknown; pass --input-size")
     example_batch = source.module.static_batch or 2
-    info = tracking.log_model(net, shape, meta, example_batch=example_batch)
+    net, dtype = _in_logged_dtype(net, source.dtype)
+    info = tracking.log_model(net, shape, meta, example_batch=example_batch, dtype=dtype)
     published = PublishedModel(info.model_uri)
     if output is not None:
-        published.local_path = _save_local(net, shape, meta, example_batch, output)
+        published.local_path = _save_local(net, shape, meta, example_batch, dtype, output)
     name = target_name(source, register_as)
     if name is not None:
         published.version = tracking.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()}, alias=alias)
     return published
 
 
-def _save_local(net: nn.Module, shape: tuple[int, int, int], meta: Mapping[str, Any], example_batch: int, output: Path) -> Path:
+# dtypes MLflow's numpy input example can carry; a model in another (bfloat16) is logged in float32
+_LOGGABLE_DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
+
+
+def _in_logged_dtype(net: nn.Module, source_dtype: torch.dtype) -> tuple[nn.Module, str]:
+    """A copy of `net` in the dtype the source was logged in (harden computes in float32), and that dtype's name."""
+    dtype = source_dtype if source_dtype in _LOGGABLE_DTYPES else torch.float32
+    if dtype != torch.float32:
+        net = copy.deepcopy(net).to(dtype)
+    return net, _LOGGABLE_DTYPES[dtype]
+
+
+def _save_local(net: nn.Module, shape: tuple[int, int, int], meta: Mapping[str, Any], example_batch: int, dtype: str, output: Path) -> Path:
     import mlflow
 
     check_output_dir(output)
@@ -86,7 +101,7 @@ def _save_local(net: nn.Module, shape: tuple[int, int, int], meta: Mapping[str, 
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
         model_dir = staging / "model"
-        mlflow.pytorch.save_model(tracking.eval_mode(net), str(model_dir), input_example=tracking.example_input(shape, example_batch),
+        mlflow.pytorch.save_model(tracking.eval_mode(net), str(model_dir), input_example=tracking.example_input(shape, example_batch, dtype),
                                   metadata={"harden": dict(meta)}, pip_requirements=tracking.pip_requirements())
         if output.exists():
             output.rmdir()  # empty, checked above

@@ -189,9 +189,10 @@ def eval_mode(net):
     return net.cpu()
 
 
-def example_input(input_shape: tuple[int, int, int], batch: int = 2) -> np.ndarray:
-    """The input example MLflow exports and signs models with: batch > 1 keeps the batch dynamic."""
-    return np.zeros((batch, *input_shape), dtype=np.float32)
+def example_input(input_shape: tuple[int, int, int], batch: int = 2, dtype: str = "float32") -> np.ndarray:
+    """The input example MLflow exports and signs models with: batch > 1 keeps the batch dynamic;
+    its dtype is the one the model's weights are in (pt2 export traces the model on it)."""
+    return np.zeros((batch, *input_shape), dtype=dtype)
 
 
 # What loading a pt2 model through pyfunc imports. Naming it saves MLflow's requirement inference,
@@ -206,11 +207,12 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in _PT2_REQUIREMENTS]
 
 
-def log_model(net, input_shape: tuple[int, int, int], harden_metadata: Mapping[str, Any], name: str = "model", example_batch: int = 2):
+def log_model(net, input_shape: tuple[int, int, int], harden_metadata: Mapping[str, Any], name: str = "model", example_batch: int = 2,
+              dtype: str = "float32"):
     """Log a model as pt2 (+ pyfunc) with a numpy example; a batch-2 example gives a dynamic batch."""
     import mlflow
 
-    return mlflow.pytorch.log_model(eval_mode(net), name=name, input_example=example_input(input_shape, example_batch),
+    return mlflow.pytorch.log_model(eval_mode(net), name=name, input_example=example_input(input_shape, example_batch, dtype),
                                     metadata={"harden": dict(harden_metadata)}, pip_requirements=pip_requirements())
 
 

@@ -13,8 +13,10 @@ import torch
 
 from harden.data import TensorDataset, load_data
 from harden.errors import ModelLoadError, UnsafeModelError
+from harden import tracking
 from harden.evaluation import evaluate
 from harden.models import InputSpec, PixelModel, create_model, list_archs, load_model
+from harden.publish import publish
 from harden.runtime import training_layout
 from harden.training import TrainConfig, fit
 from tests.conftest import CustomNet, train_quickly
@@ -195,6 +197,27 @@ def test_a_single_output_binary_classifier_is_read_as_two_classes(tmp_path, endi
         assert torch.allclose(torch.softmax(loaded.module(example), 1)[:, 1], positive, atol=1e-5)
     with pytest.raises(ModelLoadError, match="--num-classes 3 but the model outputs 2 classes"):
         load_model(tmp_path / "b.pt2", num_classes=3)
+
+
+def test_a_half_precision_model_is_analysed_in_float32_and_published_back_in_half(tmp_path, mlflow_home):
+    """A float16 model refuses float32 images; harden runs it in float32 (input gradients need the
+    precision) and logs a changed model in float16 again, so it serves as its owner logged it."""
+    torch.manual_seed(0)
+    net = CustomNet().eval().half()
+    example = torch.rand(4, 3, 32, 32)
+    torch.export.save(torch.export.export(net, (example.half(),), dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=512)},)),
+                      str(tmp_path / "h.pt2"))
+    loaded = load_model(tmp_path / "h.pt2")
+    assert loaded.dtype == torch.float16 and "float16 weights run in float32" in loaded.describe()
+    with torch.no_grad():
+        logits = loaded.module(example)
+        assert logits.dtype == torch.float32
+        assert torch.allclose(logits, net(example.half()).float(), atol=2e-2)
+    with tracking.command_run("purify", str(tmp_path / "h.pt2")):
+        published = publish(loaded.trainable().net, loaded, tags={}, output=tmp_path / "out")
+    assert '"dtype": "float16"' in (tmp_path / "out" / "MLmodel").read_text()
+    assert load_model(published.local_path).dtype == torch.float16
+    assert next(loaded.module.parameters()).dtype == torch.float32  # publishing cast a copy
 
 
 class _ChannelsLastNet(CustomNet):

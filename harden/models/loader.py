@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class LoadedModel:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     output: str = "logits"  # what the network returns (wrappers.OUTPUTS); `module` always returns logits
+    dtype: torch.dtype = torch.float32  # the weights' dtype as logged; `module` computes in float32
     class_names: list[str] | None = None
     registered: RegisteredVersion | None = None
     local_path: Path | None = None
@@ -93,7 +95,8 @@ class LoadedModel:
 
     def describe(self) -> str:
         arch = self.arch or "unknown architecture"
-        return f"{self.uri} ({self.format}, {arch}, {self.num_classes} classes, input {self.input_spec or '?'})"
+        precision = "" if self.dtype == torch.float32 else f", {str(self.dtype).removeprefix('torch.')} weights run in float32"
+        return f"{self.uri} ({self.format}, {arch}, {self.num_classes} classes, input {self.input_spec or '?'}{precision})"
 
 
 @dataclass
@@ -170,7 +173,8 @@ def load_model(
     if mean is not None and input_spec is not None and len(mean) not in (1, input_spec.channels):
         raise ModelLoadError(f"--mean has {len(mean)} values but the model takes {input_spec.channels} channels")
 
-    module = PixelModel(raw.net, mean, std, raw.static_batch).eval()
+    net, dtype = _in_float32(raw.net)
+    module = PixelModel(net, mean, std, raw.static_batch).eval()
     out_classes, output = _probe_outputs(module, input_spec, raw.static_batch)
     module.output = output
     if num_classes is not None and out_classes is not None and num_classes != out_classes:
@@ -189,6 +193,7 @@ def load_model(
         mean=mean,
         std=std,
         output=output,
+        dtype=dtype,
         class_names=meta.get("class_names"),
         registered=registered,
         local_path=path,
@@ -196,6 +201,19 @@ def load_model(
         _tmp=tmp,
     )
     return loaded
+
+
+def _in_float32(net: nn.Module) -> tuple[nn.Module, torch.dtype]:
+    """`net` computing in float32, and the dtype its weights were logged in.
+
+    A model logged in half (or double) precision refuses harden's float32 images. harden
+    does not feed it half-precision ones instead: trigger inversion follows input gradients
+    that float16 rounds away, and CPUs lack many float16 kernels. `publish` logs a changed
+    model back in the original dtype.
+    """
+    tensors = itertools.chain(net.parameters(), net.buffers())
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+    return (net if dtype == torch.float32 else net.to(torch.float32)), dtype
 
 
 def _probe_outputs(module: PixelModel, spec: InputSpec | None, static_batch: int | None) -> tuple[int | None, str]:
