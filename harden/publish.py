@@ -101,8 +101,7 @@ def _save_local(net: nn.Module, shape: tuple[int, int, int], meta: Mapping[str, 
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
         model_dir = staging / "model"
-        mlflow.pytorch.save_model(tracking.eval_mode(net), str(model_dir), input_example=tracking.example_input(shape, example_batch, dtype),
-                                  metadata={"harden": dict(meta)}, pip_requirements=tracking.pip_requirements())
+        mlflow.pytorch.save_model(tracking.eval_mode(net), str(model_dir), **tracking.model_kwargs(net, shape, meta, example_batch, dtype))
         if output.exists():
             output.rmdir()  # empty, checked above
         os.replace(model_dir, output)

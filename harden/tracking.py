@@ -207,13 +207,32 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in _PT2_REQUIREMENTS]
 
 
+def model_kwargs(net, input_shape: tuple[int, int, int], harden_metadata: Mapping[str, Any], example_batch: int = 2,
+                 dtype: str = "float32") -> dict[str, Any]:
+    """What `mlflow.pytorch.log_model` and `save_model` get for a model harden writes.
+
+    MLflow infers the signature from the example's output, but only when the network returns one
+    tensor; one that returns (logits, features) or a dict gets an input-only signature, which the
+    pt2 format requires.
+    """
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    example = example_input(input_shape, example_batch, dtype)
+    with torch.no_grad():
+        single_tensor = isinstance(eval_mode(net)(torch.from_numpy(example)), torch.Tensor)
+    signature = None if single_tensor else ModelSignature(inputs=Schema([TensorSpec(example.dtype, (-1, *input_shape))]))
+    return {"input_example": example, "signature": signature, "metadata": {"harden": dict(harden_metadata)},
+            "pip_requirements": pip_requirements()}
+
+
 def log_model(net, input_shape: tuple[int, int, int], harden_metadata: Mapping[str, Any], name: str = "model", example_batch: int = 2,
               dtype: str = "float32"):
     """Log a model as pt2 (+ pyfunc) with a numpy example; a batch-2 example gives a dynamic batch."""
     import mlflow
 
-    return mlflow.pytorch.log_model(eval_mode(net), name=name, input_example=example_input(input_shape, example_batch, dtype),
-                                    metadata={"harden": dict(harden_metadata)}, pip_requirements=pip_requirements())
+    return mlflow.pytorch.log_model(eval_mode(net), name=name, **model_kwargs(net, input_shape, harden_metadata, example_batch, dtype))
 
 
 def register_model(model_uri: str, name: str, tags: Mapping[str, str] | None = None, alias: str | None = None) -> RegisteredVersion:

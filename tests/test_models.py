@@ -220,6 +220,46 @@ def test_a_half_precision_model_is_analysed_in_float32_and_published_back_in_hal
     assert next(loaded.module.parameters()).dtype == torch.float32  # publishing cast a copy
 
 
+class _MoreThanLogitsNet(CustomNet):
+    """Returns its logits with something else, as much training code does."""
+
+    def __init__(self, returns: str):
+        super().__init__()
+        self.returns = returns
+
+    def forward(self, x):
+        logits = super().forward(x)
+        features = logits.detach().mean(1, keepdim=True)
+        return {"tuple": lambda: (logits, features), "dict": lambda: {"features": features, "logits": logits},
+                "unnamed": lambda: {"a": logits, "b": features}}[self.returns]()
+
+
+@pytest.mark.parametrize("returns", ["tuple", "dict"])
+def test_a_model_returning_logits_and_features_is_read_and_published_as_it_was(tmp_path, mlflow_home, returns):
+    torch.manual_seed(0)
+    net = _MoreThanLogitsNet(returns).eval()
+    example = torch.rand(4, 3, 32, 32)
+    torch.export.save(torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=512)},)),
+                      str(tmp_path / "m.pt2"))
+    loaded = load_model(tmp_path / "m.pt2")
+    with torch.no_grad():
+        assert loaded.num_classes == 10 and torch.allclose(loaded.module(example), CustomNet.forward(net, example), atol=1e-5)
+    with tracking.command_run("purify", str(tmp_path / "m.pt2")):
+        published = publish(loaded.trainable().net, loaded, tags={}, output=tmp_path / "out")  # MLflow cannot infer this signature itself
+    republished = load_model(published.local_path)
+    assert type(republished.module.net(example)) is type(net(example))  # the owner's output, not harden's logits
+    with torch.no_grad():
+        assert torch.allclose(republished.module(example), loaded.module(example), atol=1e-5)
+
+
+def test_a_dict_output_without_logits_is_a_clear_error(tmp_path):
+    example = torch.rand(4, 3, 32, 32)
+    torch.export.save(torch.export.export(_MoreThanLogitsNet("unnamed").eval(), (example,),
+                                          dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=512)},)), str(tmp_path / "m.pt2"))
+    with pytest.raises(ModelLoadError, match=r"dict with keys \['a', 'b'\]; harden reads its 'logits' entry"):
+        load_model(tmp_path / "m.pt2")
+
+
 class _ChannelsLastNet(CustomNet):
     def forward(self, x):
         return super().forward(x.permute(0, 3, 1, 2))

@@ -229,12 +229,13 @@ def _probe_outputs(module: PixelModel, spec: InputSpec | None, static_batch: int
     try:
         with torch.no_grad():
             outputs = [module(probe) for probe in probes]
+    except ModelLoadError:
+        raise  # the model ran, but its output holds no logits
     except Exception as exc:  # noqa: BLE001 - any failure here means "input does not fit"
         raise ModelLoadError(f"model does not accept input {spec}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     out = outputs[0]
-    if not isinstance(out, torch.Tensor) or out.ndim not in (1, 2) or (out.ndim == 1 and len(out) != batch):  # (classes,): a squeezed batch of 1
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelLoadError(f"model output {shape} is not (batch, classes) or (batch,); harden expects a classifier's logits")
+    if out.ndim not in (1, 2) or (out.ndim == 1 and len(out) != batch):  # (classes,): a squeezed batch of 1
+        raise ModelLoadError(f"model output {tuple(out.shape)} is not (batch, classes) or (batch,); harden expects a classifier's logits")
     if out.ndim == 1 or out.shape[1] == 1:
         return 2, "binary_probability" if all(bool(((o >= 0) & (o <= 1)).all()) for o in outputs) else "binary_logit"
     probabilities = all(bool((o >= 0).all()) and bool(torch.allclose(o.sum(1), torch.ones(len(o)), atol=1e-4)) for o in outputs)

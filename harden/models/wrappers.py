@@ -10,15 +10,36 @@ returns probabilities, whose log equals its logits up to a per-row constant, so 
 margins and their gradients behave as on a logit model (on probabilities taken as logits,
 cross-entropy saturates and trigger unlearning barely moves the model). A binary classifier
 with one output (a column or a 1-D tensor; a logit, or a sigmoid probability) becomes two classes with logits
-(0, z), whose softmax is (1 − σ(z), σ(z)): column 1 is the positive class.
+(0, z), whose softmax is (1 − σ(z), σ(z)): column 1 is the positive class. A network that returns more
+than its logits, such as (logits, features) or a dict or Hugging Face output with a `logits` entry, is
+read through `network_logits`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from harden.errors import ModelLoadError
+
+
+def network_logits(out: Any) -> torch.Tensor:
+    """The class scores in what a network returns: a tensor itself; the `logits` entry of a dict or a
+    Hugging Face `ModelOutput` (or its only tensor); the first element of a tuple or list, as training
+    code that also returns features or auxiliary heads writes it."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        tensors = [value for value in out.values() if isinstance(value, torch.Tensor)]
+        if isinstance(out.get("logits"), torch.Tensor) or len(tensors) == 1:
+            return out["logits"] if "logits" in out else tensors[0]
+        raise ModelLoadError(f"the model returns a dict with keys {sorted(map(str, out))}; harden reads its 'logits' entry, which it lacks")
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ModelLoadError(f"the model returns {type(out).__name__}; harden expects a classifier's logits "
+                         f"(a tensor, a dict with 'logits', or a tuple that starts with them)")
 
 
 def _binary_logits(z: torch.Tensor) -> torch.Tensor:
@@ -70,14 +91,14 @@ class PixelModel(nn.Module):
 
     def _forward_net(self, x: torch.Tensor) -> torch.Tensor:
         if self.static_batch is None or x.shape[0] == self.static_batch:
-            return self.net(x)
+            return network_logits(self.net(x))
         size = self.static_batch
         outputs = []
         for chunk in torch.split(x, size):
             pad = size - chunk.shape[0]
             if pad:
                 chunk = torch.cat([chunk, chunk[:1].expand(pad, *chunk.shape[1:])])
-            outputs.append(self.net(chunk)[: size - pad])
+            outputs.append(network_logits(self.net(chunk))[: size - pad])
         return torch.cat(outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
