@@ -125,3 +125,14 @@ def train_quickly(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: 
             torch.nn.functional.cross_entropy(model(images[idx]), labels[idx]).backward()
             opt.step()
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def custom_pt2(mlflow_home, digits_arrays):
+    """A custom CNN logged by someone else's code with plain mlflow.pytorch.log_model (pt2)."""
+    x, y = digits_arrays
+    model = train_quickly(CustomNet(), x[:900], y[:900])
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(model, name="custom", input_example=(x[:4].transpose(0, 3, 1, 2) / 255).astype(np.float32),
+                                        registered_model_name="outsider-cnn")
+    return model, info

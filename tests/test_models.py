@@ -37,17 +37,6 @@ def test_unknown_arch_is_a_clear_error():
         create_model("nope", num_classes=2)
 
 
-@pytest.fixture(scope="module")
-def custom_pt2(mlflow_home, digits_arrays):
-    """A custom CNN logged by someone else's code with plain mlflow.pytorch.log_model (pt2)."""
-    x, y = digits_arrays
-    model = train_quickly(CustomNet(), x[:900], y[:900])
-    with mlflow.start_run():
-        info = mlflow.pytorch.log_model(model, name="custom", input_example=(x[:4].transpose(0, 3, 1, 2) / 255).astype(np.float32),
-                                        registered_model_name="outsider-cnn")
-    return model, info
-
-
 def test_pt2_custom_architecture_matches_its_own_accuracy(custom_pt2, digits_arrays, tmp_path, run_cli):
     model, info = custom_pt2
     x, y = digits_arrays

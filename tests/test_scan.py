@@ -15,7 +15,6 @@ from harden.scan.base import ERROR, FAILED, PASSED, SKIPPED, CheckResult
 from harden.scan.inversion import InversionConfig, _ClassState, invert_triggers, mad_anomaly
 from harden.scan.verdict import FEATURES, Calibration
 from harden.training import TrainConfig, fit
-from tests.conftest import CustomNet
 
 
 @pytest.fixture(scope="module")
@@ -95,28 +94,45 @@ def test_clean_model_is_not_flagged(clean_model_file, demo, run_cli):
     assert report["verdict"] == "clean" and report["suspect_classes"] == []
 
 
-def test_unknown_architecture_pt2_scans(demo, mlflow_home):
-    net = CustomNet().eval()
-    with mlflow.start_run():
-        info = mlflow.pytorch.log_model(net, name="unknown", input_example=np.zeros((2, 3, 32, 32), np.float32))
+def test_unknown_architecture_pt2_scans(demo, custom_pt2):
+    _, info = custom_pt2
     result = scan(info.model_uri, data=str(demo.data_dir / "clean.npz"), checks=["inversion"],
                   options={"inversion": {"probe_per_class": 4, "max_steps": 30, "warmup_steps": 10}})
     assert result.verdict in VERDICTS and result.checks[0].status in (PASSED, FAILED)
     assert len(result.per_class) == 10 and all(c["steps"] > 0 for c in result.per_class)
 
 
-class _OneLogitNet(CustomNet):
-    def __init__(self):
+def test_data_the_model_gets_wrong_gives_no_verdict(demo, custom_pt2, run_cli, tmp_path):
+    """Labels in another order: the model gets nearly every probe image wrong, and inverting it would
+    only measure the classes it confuses, so the check is skipped and nothing is flagged."""
+    x, y = np.load(demo.data_dir / "clean.npz")["x"], np.load(demo.data_dir / "clean.npz")["y"]
+    np.savez(tmp_path / "shifted.npz", x=x, y=(y + 1) % 10)
+    code, out, _ = run_cli("scan", custom_pt2[1].model_uri, "--data", tmp_path / "shifted.npz", "--checks", "inversion", "--format", "json", "-q")
+    report = json.loads(out)
+    assert code == 3 and report["verdict"] == "inconclusive" and report["per_class"] == []
+    check = report["checks"][0]
+    assert check["status"] == SKIPPED and "does not fit it" in check["message"] and check["details"]["probe_accuracy"] < 0.5
+
+
+class _OneLogitNet(torch.nn.Module):
+    """A binary classifier with one logit (digit 1 against digit 0), made from the custom CNN."""
+
+    def __init__(self, net: torch.nn.Module):
         super().__init__()
-        self.head = torch.nn.Linear(24 * 16, 1)
+        self.net = net
+
+    def forward(self, x):
+        logits = self.net(x)
+        return logits[:, 1:2] - logits[:, 0:1]
 
 
-def test_binary_classifier_is_inverted_but_gets_no_calibrated_verdict(mlflow_home, run_cli, tmp_path):
+def test_binary_classifier_is_inverted_but_gets_no_calibrated_verdict(custom_pt2, digits_arrays, run_cli, tmp_path):
     """Two classes make both MAD anomaly indices constants: the report keeps the inversion, the verdict is inconclusive."""
     with mlflow.start_run():
-        info = mlflow.pytorch.log_model(_OneLogitNet().eval(), name="binary", input_example=np.zeros((2, 3, 32, 32), np.float32))
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "binary.npz", x=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), y=np.arange(16) % 2)
+        info = mlflow.pytorch.log_model(_OneLogitNet(custom_pt2[0]).eval(), name="binary", input_example=np.zeros((2, 3, 32, 32), np.float32))
+    x, y = digits_arrays
+    zeros_and_ones = np.flatnonzero(y[900:] < 2)[:16] + 900  # images the custom CNN was not trained on
+    np.savez(tmp_path / "binary.npz", x=x[zeros_and_ones], y=y[zeros_and_ones])
     code, out, _ = run_cli("scan", info.model_uri, "--data", tmp_path / "binary.npz", "--checks", "inversion", "--probe-per-class", 4,
                            "--max-steps", 30, "--format", "json", "-q")
     report = json.loads(out)
