@@ -18,6 +18,12 @@ from harden.data.pipeline import make_loader
 from harden.progress import track
 
 
+# Below this clean accuracy, labelled data does not fit the model (labels in another order than
+# its classes, missing --mean/--std, another resolution) or the model does not work: scanning
+# it measures noise, and purifying it would retrain it to those labels.
+MIN_FITTING_ACCURACY = 0.5
+
+
 @dataclass
 class EvaluationResult:
     accuracy: float

@@ -112,6 +112,16 @@ def test_state_dict_and_safetensors_need_arch(tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded.module(x), net(x))
 
+    # a Lightning module keeping a torch.compile'd network as `self.model`
+    save_file({f"model._orig_mod.{k}": v for k, v in net.state_dict().items()}, str(tmp_path / "nested.safetensors"))
+    loaded = load_model(tmp_path / "nested.safetensors", arch="small_cnn")
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(x), net(x)) and torch.allclose(loaded.trainable().eval()(x), net(x))
+    save_file({f"model.{k}": v for k, v in create_model("small_cnn", num_classes=5, width=8).state_dict().items()},
+              str(tmp_path / "narrow.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"do not fit architecture 'small_cnn': Error\(s\) in loading"):
+        load_model(tmp_path / "narrow.safetensors", arch="small_cnn")
+
 
 def test_torchscript_and_pt2_files(tmp_path):
     net = CustomNet().eval()

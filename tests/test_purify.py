@@ -400,6 +400,16 @@ def test_bad_purify_input_is_one_line_exit_2(demo, run_cli, args, message):
     assert registry_snapshot() == before_versions
 
 
+def test_data_the_model_gets_wrong_is_refused_before_any_work(demo, run_cli, tmp_path):
+    """Labels in another order than the model's classes: fine-tuning on them would relabel the model."""
+    clean = np.load(demo.data_dir / "clean.npz")
+    shifted = write_npz(tmp_path / "shifted.npz", clean["x"], (clean["y"] + 1) % 10)
+    before_versions = registry_snapshot()
+    code, _, err = run_cli("purify", demo.model_uri, "--data", shifted, "-q")
+    assert code == 2 and "the data does not fit it" in err and len(err.strip().splitlines()) == 1, err
+    assert registry_snapshot() == before_versions
+
+
 def test_output_dir_in_use_is_refused_before_any_work(demo, run_cli, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")

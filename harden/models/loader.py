@@ -67,11 +67,7 @@ class LoadedModel:
         static_batch = None
         if self.arch is not None:
             net = create_model(self.arch, num_classes=self.num_classes, **self.arch_kwargs)
-            state = self._state_dict if self._state_dict is not None else self.module.net.state_dict()
-            try:
-                net.load_state_dict(_strip_prefix(state), strict=True)
-            except RuntimeError as exc:
-                raise ModelLoadError(f"{self.uri}: weights do not fit architecture {self.arch!r}: {str(exc).splitlines()[0]}") from None
+            _load_weights(net, self._state_dict if self._state_dict is not None else self.module.net.state_dict(), self.uri, self.arch)
         elif self.format in ("pt2", "pickle"):
             net, static_batch = copy.deepcopy(self.module.net), self.module.static_batch
         else:
@@ -373,17 +369,26 @@ def _read_pickle_file(path: Path, arch: str | None, num_classes: int | None, spe
     raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a model or a state dict")
 
 
-def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the `module.` prefix DataParallel/DDP checkpoints carry."""
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return state
+def _load_weights(net: nn.Module, state: dict[str, torch.Tensor], source: object, arch: str) -> dict[str, torch.Tensor]:
+    """Load `state` into `net`, also when every key sits under extra prefixes: wrappers add
+    `module.` (DataParallel, DDP) and `_orig_mod.` (torch.compile), and training frameworks keep
+    the network as an attribute (a Lightning module's `model.` or `net.`). Returns the keys that fitted."""
+    candidates = [state]
+    while all("." in k for k in candidates[-1]) and len({k.split(".", 1)[0] for k in candidates[-1]}) == 1:
+        candidates.append({k.split(".", 1)[1]: v for k, v in candidates[-1].items()})
+    errors = []
+    for candidate in candidates:
+        try:
+            net.load_state_dict(candidate, strict=True)
+            return candidate
+        except RuntimeError as exc:
+            errors.append(exc)
+    raise ModelLoadError(f"{source}: weights do not fit architecture {arch!r}: {str(errors[0]).splitlines()[0]}") from None  # the keys as given
 
 
 def _from_state_dict(state: dict[str, torch.Tensor], path: Path, arch: str | None, num_classes: int | None, spec: InputSpec | None) -> _Raw:
     if not arch:
         raise ModelLoadError(f"{path} holds only weights; pass --arch (see `harden list archs`) to rebuild the model")
-    state = _strip_prefix(state)
     info = get_arch(arch)
     matrices = [v for v in state.values() if v.ndim == 2]
     classes = num_classes or (int(matrices[-1].shape[0]) if matrices else None)
@@ -394,10 +399,7 @@ def _from_state_dict(state: dict[str, torch.Tensor], path: Path, arch: str | Non
     if convs and "in_channels" in inspect.signature(info.factory).parameters:
         kwargs["in_channels"] = int(convs[0].shape[1])
     net = create_model(arch, num_classes=classes, **kwargs)
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"{path}: weights do not fit architecture {arch!r}: {str(exc).splitlines()[0]}") from None
+    state = _load_weights(net, state, path, arch)
     default = InputSpec(kwargs.get("in_channels", info.default_input[0]), *info.default_input[1:])
     meta = {"arch": arch, "arch_kwargs": kwargs, "num_classes": classes}
     return _Raw(net, "state_dict", spec or default, metadata=meta, state_dict=state)

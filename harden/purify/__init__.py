@@ -29,7 +29,7 @@ from harden.attacks import Attack
 from harden.data import load_data, split
 from harden.data.pipeline import LabelledDataset
 from harden.errors import EXIT_FINDINGS, EXIT_OK, HardenError
-from harden.evaluation import der, evaluate
+from harden.evaluation import MIN_FITTING_ACCURACY, der, evaluate
 from harden.models import LoadedModel, ModelArtifact, load_model
 from harden.models.wrappers import PixelModel
 from harden.purify import nft as _nft  # noqa: F401  (each import registers a method)
@@ -252,6 +252,15 @@ def _read_separation(source: str) -> dict[str, Any]:
     return record
 
 
+def _require_fitting_data(loaded: LoadedModel, clean: LabelledDataset, device: torch.device) -> None:
+    """Refuse data the model gets mostly wrong: every method fine-tunes on its labels, and would
+    teach the model those instead of removing a backdoor."""
+    accuracy = evaluate(loaded.module, clean, device=device).accuracy
+    if accuracy < MIN_FITTING_ACCURACY:
+        raise HardenError(f"the model gets {accuracy:.0%} of --data right (chance {1 / loaded.num_classes:.0%}): the data does not fit it "
+                          f"(label order, --mean/--std, resolution?) or it does not work; purifying would retrain it to these labels")
+
+
 def purify(
     model: "str | ModelArtifact | LoadedModel",
     data: str,
@@ -300,6 +309,8 @@ def purify(
         attack = Attack(trigger, target if target is not None else 0, num_classes=classes) if trigger else None
         if len(clean) < 2 * classes:
             raise HardenError(f"--data has {len(clean)} images; purification needs at least two per class ({2 * classes})")
+        if task == "classifier":
+            _require_fitting_data(loaded, clean, device)
         train, validation = split(clean, [1.0 - validation_fraction, validation_fraction], seed=seed)
         suspect = load_data(train_data, spec, num_classes=classes, resize=resize) if train_data else None
         test = load_data(test_data, spec, num_classes=classes, resize=resize) if test_data else None

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from harden.data.pipeline import LabelledDataset
+from harden.evaluation import MIN_FITTING_ACCURACY
 from harden.report import Finding, Image, register_rule
 from harden.scan.base import FAILED, PASSED, SKIPPED, Check, CheckResult, ScanContext, register_check
 from harden.scan.inversion import ClassTrigger, InversionConfig, invert_triggers
@@ -25,12 +26,6 @@ STRIPE_SUSPECT = 0.9
 # binary families: clean models flagged and backdoors missed). Its inversion still runs and is reported.
 MIN_CALIBRATED_CLASSES = 3
 
-# Trigger inversion measures how easily images of other classes are sent to each class. When
-# the model gets most clean probe images wrong, the data does not fit it (labels in another
-# order, missing --mean/--std, another resolution) or the model does not work, and the
-# inversion only finds the class it defaults to: a barely trained MobileNet at 224×224 got
-# p_backdoor 1.00 with a zero-norm "trigger". Below this accuracy there is no verdict.
-MIN_PROBE_ACCURACY = 0.5
 
 
 RULE = "harden.backdoor.trigger-inversion"
@@ -132,10 +127,10 @@ class TriggerInversionCheck(Check):
         model = ctx.model
         images, labels = probe_set(ctx.data, config.probe_per_class, ctx.seed)
         accuracy = probe_accuracy(model.module.eval(), images, labels, ctx.device)
-        if accuracy < MIN_PROBE_ACCURACY:
+        if accuracy < MIN_FITTING_ACCURACY:  # the inversion would only find the class the model defaults to
             message = (f"the model gets {accuracy:.0%} of {len(labels)} clean probe images right (chance {1 / model.num_classes:.0%}): --data does "
                        f"not fit it (label order, --mean/--std, resolution?) or it does not work, and trigger inversion would only find the "
-                       f"class it defaults to; no verdict below {MIN_PROBE_ACCURACY:.0%}")
+                       f"class it defaults to; no verdict below {MIN_FITTING_ACCURACY:.0%}")
             return CheckResult(self.name, SKIPPED, message, round(time.perf_counter() - start, 3),
                                details={"probe_accuracy": accuracy, "probe_images": int(len(labels))})
         result = invert_triggers(model.module, images, labels, model.num_classes, config, device=ctx.device, seed=ctx.seed)
