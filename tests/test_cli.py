@@ -7,10 +7,11 @@ import pickle
 import subprocess
 import sys
 
+import mlflow
 import numpy as np
 import pytest
 
-from tests.conftest import registry_snapshot
+from tests.conftest import CustomNet, registry_snapshot
 
 
 def test_version_and_help(run_cli):
@@ -107,6 +108,16 @@ def test_bad_input_exit_2_one_line_nothing_registered(case, bad_inputs, run_cli)
     assert lines[0].startswith("harden: error:") and message in lines[0], lines[0]
     assert "Traceback" not in err
     assert registry_snapshot() == before
+
+
+def test_a_refused_registered_model_is_named_by_its_uri(demo, run_cli):
+    """Not by the temporary directory harden fetched it to."""
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(CustomNet().eval(), name="model", input_example=np.zeros((2, 3, 32, 32), np.float32),
+                                        serialization_format="pickle", registered_model_name="pickled-outsider")
+    uri = f"models:/pickled-outsider/{info.registered_model_version}"
+    code, _, err = run_cli("evaluate", uri, "--data", demo.data_dir / "test.npz")
+    assert code == 2 and f"harden: error: {uri} is pickle-based" in err, err
 
 
 def test_missing_default_store_is_not_created(tmp_path):

@@ -152,7 +152,13 @@ def load_model(
     artifact = uri if isinstance(uri, ModelArtifact) else fetch_model(str(uri))
     uri, path, registered, tmp = artifact.uri, artifact.path, artifact.registered, artifact._tmp
     spec = InputSpec.parse(input_size) if isinstance(input_size, str) else input_size
-    raw = _read(path, arch=arch, num_classes=num_classes, spec=spec, allow_pickle=allow_pickle)
+    try:
+        raw = _read(path, arch=arch, num_classes=num_classes, spec=spec, allow_pickle=allow_pickle)
+    except ModelLoadError as exc:
+        if str(path) == uri:
+            raise
+        # the readers name the files they read; a fetched model's are in a temporary directory the user never saw
+        raise type(exc)(str(exc).replace(str(path), uri)) from None
     meta = raw.metadata
     arch = arch or meta.get("arch")
     arch_kwargs = dict(meta.get("arch_kwargs") or {})
