@@ -43,7 +43,7 @@ from harden.models import load_model  # noqa: E402
 from harden.report import Report, Table, emit  # noqa: E402
 from harden.scan import scan  # noqa: E402
 from harden.scan import verdict as calibration  # noqa: E402
-from harden.scan.classifier import probe_set  # noqa: E402
+from harden.data.pipeline import stratified_sample  # noqa: E402
 from harden.scan.inversion import InversionConfig, invert_triggers  # noqa: E402
 
 STATS_FILE = ZOO_DIR / "scan_stats.json"
@@ -74,7 +74,7 @@ def _baseline(entries, cal) -> list[list]:
     """Plain NC and harden's inversion on the same probe set, timed back to back per model."""
     rows = []
     for i, entry in enumerate(entries):
-        images, labels = probe_set(zoo_data(entry.spec)[1], 10, 0)
+        images, labels = stratified_sample(zoo_data(entry.spec)[1], 10, 0)
         model = load_model(entry.path, arch=entry.arch)
         if i == 0:  # untimed: the process's first optimisation steps pay its warm-up, which would favour harden
             invert_triggers(model.module, images, labels, 10, InversionConfig.plain_neural_cleanse(20))

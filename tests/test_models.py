@@ -22,6 +22,12 @@ from harden.training import TrainConfig, fit
 from tests.conftest import CustomNet, train_quickly
 
 
+def save_pt2(net: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """`net` as a pt2 archive with a dynamic batch, as MLflow 3 logs one."""
+    torch.export.save(torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=512)},)), str(path))
+    return path
+
+
 def test_registry_builds_every_small_arch():
     names = {info.name for info in list_archs()}
     assert {"small_cnn", "resnet18_cifar", "preact_resnet18", "torchvision/resnet18"} <= names
@@ -147,8 +153,7 @@ def test_a_softmax_output_is_read_as_log_probabilities(tmp_path):
     so cross-entropy has the gradient it would have on the logits, and the saved network is untouched."""
     example = torch.rand(4, 3, 32, 32)
     for net, expect_probabilities in ((_SoftmaxNet().eval(), True), (CustomNet().eval(), False)):
-        torch.export.save(torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=512)},)),
-                          str(tmp_path / "m.pt2"))
+        save_pt2(net, example, tmp_path / "m.pt2")
         loaded = load_model(tmp_path / "m.pt2")
         assert loaded.output == ("probabilities" if expect_probabilities else "logits")
         assert loaded.trainable().output == loaded.output
@@ -159,8 +164,7 @@ def test_a_softmax_output_is_read_as_log_probabilities(tmp_path):
     target = torch.zeros(4, dtype=torch.long)
     softmax_net = _SoftmaxNet().eval()
     softmax_net.load_state_dict(net.state_dict())  # `net` is now the plain CustomNet: the same weights, logits out
-    torch.export.save(torch.export.export(softmax_net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=512)},)),
-                      str(tmp_path / "s.pt2"))
+    save_pt2(softmax_net, example, tmp_path / "s.pt2")
     x = example.clone().requires_grad_(True)
     torch.nn.functional.cross_entropy(load_model(tmp_path / "s.pt2").module(x), target).backward()
     y = example.clone().requires_grad_(True)
@@ -187,8 +191,7 @@ def test_a_single_output_binary_classifier_is_read_as_two_classes(tmp_path, endi
     torch.manual_seed(0)
     net = _BinaryNet(ending).eval()
     example = torch.rand(4, 3, 32, 32)
-    torch.export.save(torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=512)},)),
-                      str(tmp_path / "b.pt2"))
+    save_pt2(net, example, tmp_path / "b.pt2")
     loaded = load_model(tmp_path / "b.pt2")
     assert (loaded.num_classes, loaded.output) == (2, output)
     with torch.no_grad():
@@ -204,8 +207,7 @@ def test_a_half_precision_model_is_analysed_in_float32_and_published_back_in_hal
     torch.manual_seed(0)
     net = CustomNet().eval().half()
     example = torch.rand(4, 3, 32, 32)
-    torch.export.save(torch.export.export(net, (example.half(),), dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=512)},)),
-                      str(tmp_path / "h.pt2"))
+    save_pt2(net, example.half(), tmp_path / "h.pt2")
     loaded = load_model(tmp_path / "h.pt2")
     assert loaded.dtype == torch.float16 and "float16 weights run in float32" in loaded.describe()
     with torch.no_grad():
@@ -238,8 +240,7 @@ def test_a_model_returning_logits_and_features_is_read_and_published_as_it_was(t
     torch.manual_seed(0)
     net = _MoreThanLogitsNet(returns).eval()
     example = torch.rand(4, 3, 32, 32)
-    torch.export.save(torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=512)},)),
-                      str(tmp_path / "m.pt2"))
+    save_pt2(net, example, tmp_path / "m.pt2")
     loaded = load_model(tmp_path / "m.pt2")
     with torch.no_grad():
         assert loaded.num_classes == 10 and torch.allclose(loaded.module(example), CustomNet.forward(net, example), atol=1e-5)
@@ -253,10 +254,40 @@ def test_a_model_returning_logits_and_features_is_read_and_published_as_it_was(t
 
 def test_a_dict_output_without_logits_is_a_clear_error(tmp_path):
     example = torch.rand(4, 3, 32, 32)
-    torch.export.save(torch.export.export(_MoreThanLogitsNet("unnamed").eval(), (example,),
-                                          dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=512)},)), str(tmp_path / "m.pt2"))
+    save_pt2(_MoreThanLogitsNet("unnamed").eval(), example, tmp_path / "m.pt2")
     with pytest.raises(ModelLoadError, match=r"dict with keys \['a', 'b'\]; harden reads its 'logits' entry"):
         load_model(tmp_path / "m.pt2")
+
+
+class _ExpectsNormalised(torch.nn.Module):
+    """The custom CNN behind a model that takes `(pixels - mean) / std`, as most training code feeds it."""
+
+    def __init__(self, net: torch.nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, z):
+        return self.net(z * self.std + self.mean)
+
+
+@pytest.mark.parametrize("expects, chosen", [("imagenet", {"imagenet", "cifar10"}), ("bytes", {"bytes"}), ("none", {None})])
+def test_the_normalisation_a_model_was_trained_with_is_found_from_clean_data(custom_pt2, digits_arrays, tmp_path, expects, chosen):
+    """Chosen by cross-entropy on clean images (ImageNet and CIFAR-10 statistics are nearly the same); a model
+    that takes [0, 1] pixels keeps them, and --mean/--std given by the user are never second-guessed."""
+    from harden.models.normalisation import CONVENTIONS, choose_normalisation
+
+    x, y = digits_arrays
+    data = TensorDataset(torch.from_numpy(x[900:1200]).permute(0, 3, 1, 2).float() / 255, y[900:1200])
+    net = _ExpectsNormalised(custom_pt2[0], *CONVENTIONS[expects]).eval()
+    save_pt2(net, torch.rand(4, 3, 32, 32), tmp_path / "m.pt2")
+    loaded = load_model(tmp_path / "m.pt2")
+    choice = choose_normalisation(loaded, data)
+    assert (choice.name if choice else None) in chosen
+    own = evaluate(PixelModel(custom_pt2[0]).eval(), data).accuracy  # the network on the pixels it was trained on
+    assert abs(evaluate(loaded, data).accuracy - own) <= 0.02
+    assert choose_normalisation(load_model(tmp_path / "m.pt2", mean=[0.0], std=[1.0]), data) is None
 
 
 class _ChannelsLastNet(CustomNet):
@@ -266,8 +297,7 @@ class _ChannelsLastNet(CustomNet):
 
 def test_a_channels_last_model_is_a_clear_error_not_a_misread_input(tmp_path):
     example = torch.rand(4, 32, 32, 3)
-    torch.export.save(torch.export.export(_ChannelsLastNet().eval(), (example,),
-                                          dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=512)},)), str(tmp_path / "nhwc.pt2"))
+    save_pt2(_ChannelsLastNet().eval(), example, tmp_path / "nhwc.pt2")
     with pytest.raises(ModelLoadError, match=r"\(batch, 32, 32, 3\), which looks channels-last"):
         load_model(tmp_path / "nhwc.pt2")
 

@@ -8,7 +8,7 @@ import torch
 from harden.attacks import Attack, PoisonedDataset
 from harden.data import load_data, split
 from harden.models import InputSpec, create_model
-from harden.scan.classifier import probe_set
+from harden.data.pipeline import stratified_sample
 from harden.scan.structured import (additive_transform, separable_success, separable_transform, stripe_success, warp_success,
                                      warp_transform)
 from harden.training import TrainConfig, fit
@@ -43,7 +43,7 @@ def test_stripe_pattern_varies_along_the_width_only_and_is_bounded():
 @pytest.fixture(scope="module")
 def digits16():
     train, clean, _ = split(load_data("digits", SPEC, num_classes=10), [0.8, 0.2, 0.0], seed=0)
-    return train, probe_set(clean, 10, 0)
+    return train, stratified_sample(clean, 10, 0)
 
 
 def _trained(train, attack: str | None, target: int = 3):

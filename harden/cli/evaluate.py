@@ -12,6 +12,7 @@ from harden.cli.options import CommandContext, common_options, data_options, mod
 from harden.data import load_data
 from harden.errors import HardenError
 from harden.evaluation import evaluate
+from harden.models.normalisation import choose_normalisation
 from harden.report import Report, Table, emit
 from harden.runtime import measure
 
@@ -42,6 +43,7 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
     if target is not None and not 0 <= target < loaded.num_classes:
         raise HardenError(f"--target {target} is outside the model's {loaded.num_classes} classes")
     dataset = load_data(data, loaded.input_spec, num_classes=loaded.num_classes, resize=resize)
+    normalisation = choose_normalisation(loaded, dataset, ctx.device, ctx.seed)
     params = {"data": data, "trigger": attack_trigger.spec if attack_trigger else None, "target": target, "mode": mode,
               "device": str(ctx.device), "seed": ctx.seed}
     source_uri = loaded.registered.uri if loaded.registered else loaded.uri
@@ -59,6 +61,7 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
             "run_id": run.info.run_id,
             "duration_s": cost.duration_s,
             "peak_memory_mb": cost.peak_memory_mb,
+            "input_normalisation": vars(normalisation) if normalisation else None,
             "harden_version": __version__,
         }
         report = Report("harden.evaluate/1", f"harden evaluate {source_uri}", payload, [
@@ -66,6 +69,7 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
                 ["accuracy (ACC)", result.accuracy], ["attack success (ASR)", result.asr], ["robust accuracy (RA)", result.ra],
                 ["samples", result.n], ["triggered samples", result.n_triggered or None], ["seconds", cost.duration_s],
             ]),
+            *([normalisation.table()] if normalisation else []),
         ])
         tracking.log_metrics({"accuracy": result.accuracy, "asr": result.asr, "ra": result.ra, "duration_s": cost.duration_s})
         tracking.log_json(report.to_dict(), "reports/evaluate.json")

@@ -165,3 +165,14 @@ def to_uint8_arrays(dataset: Dataset, batch_size: int = 256) -> tuple[np.ndarray
         xs.append((images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
         ys.append(labels.numpy())
     return np.concatenate(xs), np.concatenate(ys)
+
+
+def stratified_sample(data: LabelledDataset, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_class` random images of every class, read item by item: the small probe sets that inversion and checks run on."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for cls in np.unique(data.labels):
+        members = np.flatnonzero(data.labels == cls)
+        chosen.extend(rng.permutation(members)[:per_class].tolist())
+    items = [data[int(i)] for i in sorted(chosen)]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])

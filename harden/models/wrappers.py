@@ -76,10 +76,16 @@ class PixelModel(nn.Module):
         self.output = output
         if (mean is None) != (std is None):
             raise ValueError("mean and std go together")
-        self.normalize = mean is not None
+        self.normalize = False
         if mean is not None and std is not None:
-            self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
-            self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+            self.set_normalisation(mean, std)
+
+    def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Normalise pixels with `mean`/`std` before the network (also after loading: `models.normalisation`)."""
+        device = next(self.net.parameters(), torch.empty(0)).device
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32, device=device).view(1, -1, 1, 1))
+        self.normalize = True
 
     def train(self, mode: bool = True) -> "PixelModel":
         self.training = mode

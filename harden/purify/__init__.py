@@ -31,6 +31,7 @@ from harden.data.pipeline import LabelledDataset
 from harden.errors import EXIT_FINDINGS, EXIT_OK, HardenError
 from harden.evaluation import MIN_FITTING_ACCURACY, der, evaluate
 from harden.models import LoadedModel, ModelArtifact, load_model
+from harden.models.normalisation import choose_normalisation
 from harden.models.wrappers import PixelModel
 from harden.purify import nft as _nft  # noqa: F401  (each import registers a method)
 from harden.purify import relearn as _relearn  # noqa: F401
@@ -309,6 +310,7 @@ def purify(
         attack = Attack(trigger, target if target is not None else 0, num_classes=classes) if trigger else None
         if len(clean) < 2 * classes:
             raise HardenError(f"--data has {len(clean)} images; purification needs at least two per class ({2 * classes})")
+        normalisation = choose_normalisation(loaded, clean, device, seed) if task == "classifier" else None
         if task == "classifier":
             _require_fitting_data(loaded, clean, device)
         train, validation = split(clean, [1.0 - validation_fraction, validation_fraction], seed=seed)
@@ -329,5 +331,7 @@ def purify(
         after = _measure_metrics(view(output.model), validation, reversed_triggers, attack, test, device)
         residual = _residual(view(output.model), after, validation, reversed_triggers, max_asr, device)
     params = {"validation_fraction": validation_fraction, "triggers": triggers, "seed": seed, **output.params}
+    if normalisation:
+        params["input_normalisation"] = normalisation.name  # the purified version's metadata records its mean/std
     return PurifyResult(method, params, before, after, output.model, loaded, reversed_triggers, max_acc_drop, residual, output.history,
                         cost.duration_s, cost.peak_memory_mb)

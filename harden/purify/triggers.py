@@ -13,8 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from harden.data.pipeline import LabelledDataset
-from harden.scan.classifier import probe_set
+from harden.data.pipeline import LabelledDataset, stratified_sample
 from harden.scan.inversion import InversionConfig, invert_triggers
 from harden.scan.structured import additive_transform, optimise, success
 
@@ -133,7 +132,7 @@ class TriggerChaser:
     def __init__(self, triggers: list[Stamp], module: torch.nn.Module, data: LabelledDataset, *, seed: int,
                  interval: int, steps: int, device: torch.device, epsilon: float | None = None):
         self.module, self.interval, self.steps, self.device = module, interval, steps, device
-        self.probe = probe_set(data, self.PROBE_PER_CLASS, seed)
+        self.probe = stratified_sample(data, self.PROBE_PER_CLASS, seed)
         self.count = 0
         rebound = epsilon is not None and any(isinstance(t, AdditiveTrigger) and t.epsilon != epsilon for t in triggers)
         self.triggers = (refreshed(triggers, module, *self.probe, steps=self.REBOUND_STEPS, device=device, epsilon=epsilon)
@@ -152,7 +151,7 @@ def reverse_triggers(module: torch.nn.Module, data: LabelledDataset, num_classes
     trigger and (unless `additive_epsilon` is 0) a bounded additive one, easiest class first."""
     # The structured inversions only feed the scan's verdict; unlearning uses masks and additive δs.
     config = replace(config or InversionConfig(), warp_steps=0, stripe_steps=0, separable_steps=0)
-    images, labels = probe_set(data, config.probe_per_class, seed)
+    images, labels = stratified_sample(data, config.probe_per_class, seed)
     result = invert_triggers(module, images, labels, num_classes, config, device=device, seed=seed)
     ranked = sorted(result.classes, key=lambda c: (c.norm, -c.margin))[:count]
     found: list[Stamp] = []

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from harden import __version__
 from harden.data import load_data
 from harden.errors import EXIT_ERROR, EXIT_FINDINGS, EXIT_NOTHING_SCANNABLE, EXIT_OK, HardenError
 from harden.models import ModelArtifact, fetch_model, load_model
+from harden.models.normalisation import NormalisationChoice, choose_normalisation
 from harden.report import Image, Report, Table
 from harden.runtime import measure
 from harden.scan import artifact as _artifact  # noqa: F401  (each import registers a check, in run order)
@@ -46,7 +47,7 @@ class ScanResult:
     peak_memory_mb: float = 0.0
     workdir: Path | None = None
     registered: Any = None
-    extra: dict = field(default_factory=dict)
+    input_normalisation: NormalisationChoice | None = None  # chosen by harden (models.normalisation)
 
     @property
     def exit_code(self) -> int:
@@ -71,6 +72,7 @@ class ScanResult:
             "model_uri": self.model_uri,
             "duration_s": self.duration_s,
             "peak_memory_mb": self.peak_memory_mb,
+            "input_normalisation": vars(self.input_normalisation) if self.input_normalisation else None,
             "harden_version": __version__,
         }
 
@@ -89,6 +91,8 @@ class ScanResult:
         check_rows = [[c.name, c.status, c.duration_s, c.message] for c in self.checks]
         p = "-" if self.p_backdoor is None else f"{self.p_backdoor:.3f}"
         tables = [Table("Checks", ["check", "status", "seconds", "result"], check_rows)]
+        if self.input_normalisation:
+            tables.append(self.input_normalisation.table())
         if per_class_rows:
             tables.append(Table("Per class (trigger inversion)", ["class", "mask L1", "reversed ASR", "anomaly index", "max margin", "warp ASR", "stripe ASR", "suspect"], per_class_rows))
         images: list[Image] = [image for check in self.checks for image in getattr(check, "images", [])]
@@ -159,6 +163,7 @@ def scan(
     with measure(device) as cost:
         artifact = model if isinstance(model, ModelArtifact) else fetch_model(model)
         ctx = ScanContext(artifact, None, None, None, task, device, seed, options or {}, workdir)
+        normalisation = None
         results = [_run_check(n, ctx) for n in names if n == "artifact"]
         if not (results and results[0].status == FAILED):  # an unsafe artifact is never loaded
             behavioural = [n for n in names if n != "artifact"]
@@ -167,6 +172,8 @@ def scan(
                 spec, classes = ctx.model.input_spec, ctx.model.num_classes if task == "classifier" else None
                 ctx.data = load_data(data, spec, num_classes=classes, resize=resize) if data else None
                 ctx.train_data = load_data(train_data, spec, num_classes=classes, resize=resize) if train_data else None
+                if task == "classifier" and ctx.data is not None:
+                    normalisation = choose_normalisation(ctx.model, ctx.data, device, seed)
             results += [_run_check(n, ctx) for n in behavioural]
         else:
             results += [CheckResult(n, SKIPPED, "artifact is unsafe: the model was not loaded") for n in names if n != "artifact"]
@@ -175,7 +182,7 @@ def scan(
     registered = artifact.registered
     uri = registered.uri if registered else artifact.uri
     return ScanResult(verdict, p_backdoor, suspects, inversion.details["per_class"] if inversion else [], results, uri,
-                      cost.duration_s, cost.peak_memory_mb, workdir, registered)
+                      cost.duration_s, cost.peak_memory_mb, workdir, registered, normalisation)
 
 
 def scan_and_record(model: "str | ModelArtifact", params: dict[str, Any], sarif_location: str | None = None,

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from harden.data.pipeline import LabelledDataset
+from harden.data.pipeline import stratified_sample
 from harden.evaluation import MIN_FITTING_ACCURACY
 from harden.report import Finding, Image, register_rule
 from harden.scan.base import FAILED, PASSED, SKIPPED, Check, CheckResult, ScanContext, register_check
@@ -36,17 +36,6 @@ register_rule(
     "the calibrated probability of a backdoor is above the threshold.",
     "Do not promote this version. Inspect the reversed trigger in the HTML report, then run `harden purify` and re-scan.",
 )
-
-
-def probe_set(data: LabelledDataset, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A stratified random sample of `per_class` images per class, read item by item."""
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for cls in np.unique(data.labels):
-        members = np.flatnonzero(data.labels == cls)
-        chosen.extend(rng.permutation(members)[:per_class].tolist())
-    items = [data[int(i)] for i in sorted(chosen)]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
 @torch.no_grad()
@@ -125,7 +114,7 @@ class TriggerInversionCheck(Check):
         start = time.perf_counter()
         config = InversionConfig(**ctx.options.get("inversion", {}))
         model = ctx.model
-        images, labels = probe_set(ctx.data, config.probe_per_class, ctx.seed)
+        images, labels = stratified_sample(ctx.data, config.probe_per_class, ctx.seed)
         accuracy = probe_accuracy(model.module.eval(), images, labels, ctx.device)
         if accuracy < MIN_FITTING_ACCURACY:  # the inversion would only find the class the model defaults to
             message = (f"the model gets {accuracy:.0%} of {len(labels)} clean probe images right (chance {1 / model.num_classes:.0%}): --data does "
