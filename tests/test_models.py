@@ -222,7 +222,8 @@ def test_a_half_precision_model_is_analysed_in_float32_and_published_back_in_hal
 
 
 class _MoreThanLogitsNet(CustomNet):
-    """Returns its logits with something else, as much training code does."""
+    """Returns its logits wrapped, as much training code does: with features, in a dict, or as a
+    fully convolutional head's (batch, classes, 1, 1)."""
 
     def __init__(self, returns: str):
         super().__init__()
@@ -232,11 +233,11 @@ class _MoreThanLogitsNet(CustomNet):
         logits = super().forward(x)
         features = logits.detach().mean(1, keepdim=True)
         return {"tuple": lambda: (logits, features), "dict": lambda: {"features": features, "logits": logits},
-                "unnamed": lambda: {"a": logits, "b": features}}[self.returns]()
+                "unnamed": lambda: {"a": logits, "b": features}, "conv_head": lambda: logits[:, :, None, None]}[self.returns]()
 
 
-@pytest.mark.parametrize("returns", ["tuple", "dict"])
-def test_a_model_returning_logits_and_features_is_read_and_published_as_it_was(tmp_path, mlflow_home, returns):
+@pytest.mark.parametrize("returns", ["tuple", "dict", "conv_head"])
+def test_a_model_whose_output_wraps_its_logits_is_read_and_published_as_it_was(tmp_path, mlflow_home, returns):
     torch.manual_seed(0)
     net = _MoreThanLogitsNet(returns).eval()
     example = torch.rand(4, 3, 32, 32)

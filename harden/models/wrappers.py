@@ -26,11 +26,12 @@ from harden.errors import ModelLoadError
 
 
 def network_logits(out: Any) -> torch.Tensor:
-    """The class scores in what a network returns: a tensor itself; the `logits` entry of a dict or a
-    Hugging Face `ModelOutput` (or its only tensor); the first element of a tuple or list, as training
-    code that also returns features or auxiliary heads writes it."""
+    """The class scores in what a network returns: a tensor itself (a fully convolutional head's
+    (batch, classes, 1, 1) flattened); the `logits` entry of a dict or a Hugging Face `ModelOutput`
+    (or its only tensor); the first element of a tuple or list, as training code that also returns
+    features or auxiliary heads writes it."""
     if isinstance(out, torch.Tensor):
-        return out
+        return out.flatten(2).squeeze(2) if out.ndim > 2 and out.shape[2:].numel() == 1 else out
     if isinstance(out, Mapping):
         tensors = [value for value in out.values() if isinstance(value, torch.Tensor)]
         if isinstance(out.get("logits"), torch.Tensor) or len(tensors) == 1:
