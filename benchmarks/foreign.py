@@ -29,6 +29,11 @@ changes a method's setting for that, as `harden purify --set` does.
     .venv/bin/python benchmarks/foreign.py --seed 1 --previous --purify trigger-unlearn
     .venv/bin/python benchmarks/foreign.py --seed 1 --purify trigger-unlearn --set trigger-unlearn.distill=0.5 --set trigger-unlearn.lr=0.001
     .venv/bin/python benchmarks/foreign.py --seed 1 --families binary_logit,binary_sigmoid --purify trigger-unlearn
+    .venv/bin/python benchmarks/foreign.py --seed 1 --unknown-normalisation
+
+The normalisation column says which input normalisation the scan used: `given` (the normalised
+family's mean/std, passed as `--mean/--std` would pass them), or the one harden chose from the
+clean data (`none` for raw pixels; `--unknown-normalisation` withholds the normalised family's).
 """
 
 from __future__ import annotations
@@ -263,6 +268,7 @@ def scan_record(built: Built, folder: Path) -> dict:
     return {"name": built.name, "backdoored": built.backdoored, "target": built.target if built.backdoored else None,
             "accuracy": built.accuracy, "asr": built.asr, "p": result.p_backdoor, "verdict": result.verdict,
             "suspects": result.suspect_classes[:3], "seconds": time.perf_counter() - start,
+            "normalisation": "given" if built.load_options else result.input_normalisation.name if result.input_normalisation else "none",
             "statistics": next((c.details["statistics"] for c in result.checks if "statistics" in c.details), None)}
 
 
@@ -302,6 +308,9 @@ def main() -> None:
                              "with the owner's trigger")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="a purify method's setting, as `harden purify --set` takes it (repeatable)")
+    parser.add_argument("--unknown-normalisation", action="store_true",
+                        help="do not tell harden the normalised family's mean/std, as a defender who was not told: "
+                             "harden chooses it from the clean data (harden/models/normalisation.py)")
     parser.add_argument("--previous", action="store_true",
                         help="also score the models with the previous calibration's features (benchmarks/scan.py PREVIOUS), "
                              "fitted on the zoo's cached scan statistics the same way")
@@ -323,13 +332,16 @@ def main() -> None:
         for family in (f for f in FAMILIES if f.name in args.families.split(",")):
             for backdoored in (False, True):
                 built = build(family, backdoored, args.seed, Path(tmp))
+                if args.unknown_normalisation:
+                    built.load_options = None
                 r = scan_record(built, Path(tmp))
                 implanted = not backdoored or r["asr"] >= 0.8
                 if implanted:
                     kept.append(r)
                 rows.append([r["name"], "backdoor" if backdoored else "clean", r["target"], round(r["accuracy"], 3),
                              None if r["asr"] is None else round(r["asr"], 3), "yes" if implanted else "no (left out)",
-                             round(r["p"], 3) if r["p"] is not None else None, r["verdict"], r["suspects"], round(r["seconds"], 1)])
+                             round(r["p"], 3) if r["p"] is not None else None, r["verdict"], r["suspects"], r["normalisation"],
+                             round(r["seconds"], 1)])
                 print(" ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
                 for method in (m for m in args.purify.split(",") if m and backdoored and implanted):
                     purified.append(purify_row(built, method, options))
@@ -341,7 +353,8 @@ def main() -> None:
                "no calibrated verdict": len(kept) - len(scored),
                "target_first": sum(1 for r in scored if r["backdoored"] and r["suspects"][:1] == [r["target"]])}
     tables = [Table(f"foreign models (seed {args.seed}), scanned from the MLflow registry with the shipped calibration",
-                    ["model", "truth", "target", "ACC", "ASR", "implanted", "p_backdoor", "verdict", "suspects", "scan s"], rows),
+                    ["model", "truth", "target", "ACC", "ASR", "implanted", "p_backdoor", "verdict", "suspects", "normalisation", "scan s"],
+                    rows),
               Table("over the implanted backdoors and clean models", ["metric", "value"], [[k, v] for k, v in summary.items()])]
     if args.previous:
         previous = _previous_calibration(calibration)
