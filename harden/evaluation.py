@@ -42,6 +42,12 @@ def der(asr_before: float, asr_after: float, acc_before: float, acc_after: float
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
 
 
+@torch.no_grad()
+def batched_logits(module: nn.Module, images: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 256) -> torch.Tensor:
+    """`module`'s logits for in-memory `images` (a probe set), in batches, on the CPU."""
+    return torch.cat([module(chunk.to(device)).float().cpu() for chunk in torch.split(images, batch_size)])
+
+
 def _as_module(model) -> nn.Module:
     return getattr(model, "module", model)
 

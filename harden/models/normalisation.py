@@ -5,10 +5,10 @@ Most models are trained on normalised images (ImageNet or CIFAR statistics, [-1,
 it gets its clean data wrong, and a scan of it measures noise: harden would rather find out.
 The model's cross-entropy on a few clean images per class under each common convention tells:
 it was trained to minimise it under its own. Accuracy cannot tell: a ReLU network is nearly
-blind to the scale of its input, and a model trained on ImageNet-normalised digits classified
-them as well under [-1, 1] and 0-255 inputs (0.91, 0.90 against 0.90), at cross-entropies of
-0.42 and 22.0 against 0.31. `none` is kept unless another convention lowers the cross-entropy
-by `MIN_GAIN` nats; `--mean/--std` (or harden's metadata) always win, and `--mean 0 --std 1`
+blind to the scale of its input. The CNN of examples/evaluate_outside_model.py, trained on
+MNIST-normalised digits, gets 0.920 of them right on raw pixels and 0.935 on 0-255 values, at
+cross-entropies of 0.775 and 10.7 against 0.215 under its own. `none` is kept unless another
+convention lowers the cross-entropy by `MIN_GAIN` nats; `--mean/--std` (or harden's metadata) always win, and `--mean 0 --std 1`
 turns the choice off.
 """
 
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from harden.data.pipeline import LabelledDataset, stratified_sample
+from harden.evaluation import batched_logits
 from harden.models.loader import LoadedModel
 from harden.report import Table
 
@@ -68,7 +69,7 @@ def choose_normalisation(loaded: LoadedModel, data: LabelledDataset, device: tor
             continue
         normalised = (images - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
         # the wrapper does not normalise yet, so feeding normalised pixels runs the network on them
-        logits = torch.cat([module(chunk.to(device)).float().cpu() for chunk in torch.split(normalised, 256)])
+        logits = batched_logits(module, normalised, device)
         cross_entropy[name] = float(torch.nn.functional.cross_entropy(logits, labels))
         accuracy[name] = float((logits.argmax(1) == labels).float().mean())
     best = min(cross_entropy, key=lambda name: cross_entropy[name])

@@ -310,8 +310,9 @@ def purify(
         attack = Attack(trigger, target if target is not None else 0, num_classes=classes) if trigger else None
         if len(clean) < 2 * classes:
             raise HardenError(f"--data has {len(clean)} images; purification needs at least two per class ({2 * classes})")
-        normalisation = choose_normalisation(loaded, clean, device, seed) if task == "classifier" else None
+        normalisation = None
         if task == "classifier":
+            normalisation = choose_normalisation(loaded, clean, device, seed)
             _require_fitting_data(loaded, clean, device)
         train, validation = split(clean, [1.0 - validation_fraction, validation_fraction], seed=seed)
         suspect = load_data(train_data, spec, num_classes=classes, resize=resize) if train_data else None

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from harden.data.pipeline import stratified_sample
-from harden.evaluation import MIN_FITTING_ACCURACY
+from harden.evaluation import MIN_FITTING_ACCURACY, batched_logits
 from harden.report import Finding, Image, register_rule
 from harden.scan.base import FAILED, PASSED, SKIPPED, Check, CheckResult, ScanContext, register_check
 from harden.scan.inversion import ClassTrigger, InversionConfig, invert_triggers
@@ -27,7 +27,6 @@ STRIPE_SUSPECT = 0.9
 MIN_CALIBRATED_CLASSES = 3
 
 
-
 RULE = "harden.backdoor.trigger-inversion"
 register_rule(
     RULE, "Classifier behaves as if backdoored",
@@ -36,12 +35,6 @@ register_rule(
     "the calibrated probability of a backdoor is above the threshold.",
     "Do not promote this version. Inspect the reversed trigger in the HTML report, then run `harden purify` and re-scan.",
 )
-
-
-@torch.no_grad()
-def probe_accuracy(module: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
-    predictions = torch.cat([module(chunk.to(device)).argmax(1).cpu() for chunk in torch.split(images, 256)])
-    return float((predictions == labels).float().mean())
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -115,7 +108,7 @@ class TriggerInversionCheck(Check):
         config = InversionConfig(**ctx.options.get("inversion", {}))
         model = ctx.model
         images, labels = stratified_sample(ctx.data, config.probe_per_class, ctx.seed)
-        accuracy = probe_accuracy(model.module.eval(), images, labels, ctx.device)
+        accuracy = float((batched_logits(model.module.eval(), images, ctx.device).argmax(1) == labels).float().mean())
         if accuracy < MIN_FITTING_ACCURACY:  # the inversion would only find the class the model defaults to
             message = (f"the model gets {accuracy:.0%} of {len(labels)} clean probe images right (chance {1 / model.num_classes:.0%}): --data does "
                        f"not fit it (label order, --mean/--std, resolution?) or it does not work, and trigger inversion would only find the "
