@@ -24,6 +24,12 @@ from harden.progress import track
 MIN_FITTING_ACCURACY = 0.5
 
 
+def unfitting_data(accuracy: float, num_classes: int, what: str) -> str:
+    """The start of the message scan and purify give below `MIN_FITTING_ACCURACY`; `what` names the images."""
+    return (f"the model gets {accuracy:.0%} of {what} right (chance {1 / num_classes:.0%}): the data does not fit it "
+            f"(label order, --mean/--std, resolution?) or it does not work")
+
+
 @dataclass
 class EvaluationResult:
     accuracy: float

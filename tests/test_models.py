@@ -153,8 +153,7 @@ def test_a_softmax_output_is_read_as_log_probabilities(tmp_path):
     so cross-entropy has the gradient it would have on the logits, and the saved network is untouched."""
     example = torch.rand(4, 3, 32, 32)
     for net, expect_probabilities in ((_SoftmaxNet().eval(), True), (CustomNet().eval(), False)):
-        save_pt2(net, example, tmp_path / "m.pt2")
-        loaded = load_model(tmp_path / "m.pt2")
+        loaded = load_model(save_pt2(net, example, tmp_path / "m.pt2"))
         assert loaded.output == ("probabilities" if expect_probabilities else "logits")
         assert loaded.trainable().output == loaded.output
         with torch.no_grad():
@@ -191,8 +190,7 @@ def test_a_single_output_binary_classifier_is_read_as_two_classes(tmp_path, endi
     torch.manual_seed(0)
     net = _BinaryNet(ending).eval()
     example = torch.rand(4, 3, 32, 32)
-    save_pt2(net, example, tmp_path / "b.pt2")
-    loaded = load_model(tmp_path / "b.pt2")
+    loaded = load_model(save_pt2(net, example, tmp_path / "b.pt2"))
     assert (loaded.num_classes, loaded.output) == (2, output)
     with torch.no_grad():
         positive = torch.sigmoid(CustomNet.forward(net, example)[:, 0])
@@ -207,8 +205,7 @@ def test_a_half_precision_model_is_analysed_in_float32_and_published_back_in_hal
     torch.manual_seed(0)
     net = CustomNet().eval().half()
     example = torch.rand(4, 3, 32, 32)
-    save_pt2(net, example.half(), tmp_path / "h.pt2")
-    loaded = load_model(tmp_path / "h.pt2")
+    loaded = load_model(save_pt2(net, example.half(), tmp_path / "h.pt2"))
     assert loaded.dtype == torch.float16 and "float16 weights run in float32" in loaded.describe()
     with torch.no_grad():
         logits = loaded.module(example)
@@ -241,8 +238,7 @@ def test_a_model_whose_output_wraps_its_logits_is_read_and_published_as_it_was(t
     torch.manual_seed(0)
     net = _MoreThanLogitsNet(returns).eval()
     example = torch.rand(4, 3, 32, 32)
-    save_pt2(net, example, tmp_path / "m.pt2")
-    loaded = load_model(tmp_path / "m.pt2")
+    loaded = load_model(save_pt2(net, example, tmp_path / "m.pt2"))
     with torch.no_grad():
         assert loaded.num_classes == 10 and torch.allclose(loaded.module(example), CustomNet.forward(net, example), atol=1e-5)
     with tracking.command_run("purify", str(tmp_path / "m.pt2")):
@@ -282,8 +278,7 @@ def test_the_normalisation_a_model_was_trained_with_is_found_from_clean_data(cus
     x, y = digits_arrays
     data = TensorDataset(torch.from_numpy(x[900:1200]).permute(0, 3, 1, 2).float() / 255, y[900:1200])
     net = _ExpectsNormalised(custom_pt2[0], *CONVENTIONS[expects]).eval()
-    save_pt2(net, torch.rand(4, 3, 32, 32), tmp_path / "m.pt2")
-    loaded = load_model(tmp_path / "m.pt2")
+    loaded = load_model(save_pt2(net, torch.rand(4, 3, 32, 32), tmp_path / "m.pt2"))
     choice = choose_normalisation(loaded, data)
     assert (choice.name if choice else None) in chosen
     own = evaluate(PixelModel(custom_pt2[0]).eval(), data).accuracy  # the network on the pixels it was trained on

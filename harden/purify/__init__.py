@@ -29,7 +29,7 @@ from harden.attacks import Attack
 from harden.data import load_data, split
 from harden.data.pipeline import LabelledDataset
 from harden.errors import EXIT_FINDINGS, EXIT_OK, HardenError
-from harden.evaluation import MIN_FITTING_ACCURACY, der, evaluate
+from harden.evaluation import MIN_FITTING_ACCURACY, der, evaluate, unfitting_data
 from harden.models import LoadedModel, ModelArtifact, load_model
 from harden.models.normalisation import choose_normalisation
 from harden.models.wrappers import PixelModel
@@ -258,8 +258,7 @@ def _require_fitting_data(loaded: LoadedModel, clean: LabelledDataset, device: t
     teach the model those instead of removing a backdoor."""
     accuracy = evaluate(loaded.module, clean, device=device).accuracy
     if accuracy < MIN_FITTING_ACCURACY:
-        raise HardenError(f"the model gets {accuracy:.0%} of --data right (chance {1 / loaded.num_classes:.0%}): the data does not fit it "
-                          f"(label order, --mean/--std, resolution?) or it does not work; purifying would retrain it to these labels")
+        raise HardenError(f"{unfitting_data(accuracy, loaded.num_classes, '--data')}; purifying would retrain it to these labels")
 
 
 def purify(

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from harden.data.pipeline import stratified_sample
-from harden.evaluation import MIN_FITTING_ACCURACY, batched_logits
+from harden.evaluation import MIN_FITTING_ACCURACY, batched_logits, unfitting_data
 from harden.report import Finding, Image, register_rule
 from harden.scan.base import FAILED, PASSED, SKIPPED, Check, CheckResult, ScanContext, register_check
 from harden.scan.inversion import ClassTrigger, InversionConfig, invert_triggers
@@ -110,9 +110,8 @@ class TriggerInversionCheck(Check):
         images, labels = stratified_sample(ctx.data, config.probe_per_class, ctx.seed)
         accuracy = float((batched_logits(model.module.eval(), images, ctx.device).argmax(1) == labels).float().mean())
         if accuracy < MIN_FITTING_ACCURACY:  # the inversion would only find the class the model defaults to
-            message = (f"the model gets {accuracy:.0%} of {len(labels)} clean probe images right (chance {1 / model.num_classes:.0%}): --data does "
-                       f"not fit it (label order, --mean/--std, resolution?) or it does not work, and trigger inversion would only find the "
-                       f"class it defaults to; no verdict below {MIN_FITTING_ACCURACY:.0%}")
+            message = (f"{unfitting_data(accuracy, model.num_classes, f'{len(labels)} clean probe images')}, and trigger inversion would "
+                       f"only find the class it defaults to; no verdict below {MIN_FITTING_ACCURACY:.0%}")
             return CheckResult(self.name, SKIPPED, message, round(time.perf_counter() - start, 3),
                                details={"probe_accuracy": accuracy, "probe_images": int(len(labels))})
         result = invert_triggers(model.module, images, labels, model.num_classes, config, device=ctx.device, seed=ctx.seed)
