@@ -128,7 +128,7 @@ def _experiment_id() -> str:
 
 @contextmanager
 def command_run(command: str, source_uri: str | None, params: Mapping[str, Any] | None = None) -> Iterator[Any]:
-    """Open the one MLflow run of a command; the run is marked FAILED if the block raises."""
+    """Open the one MLflow run of a command; if the block raises, the run is marked FAILED and tagged `harden.error`."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -142,7 +142,11 @@ def command_run(command: str, source_uri: str | None, params: Mapping[str, Any] 
     with run:
         if params:
             mlflow.log_params(_flatten(params))
-        yield run
+        try:
+            yield run
+        except BaseException as exc:  # the FAILED run says why, not only which params it had
+            mlflow.set_tag("harden.error", _first_line(exc)[:500] or type(exc).__name__)
+            raise
 
 
 def log_metrics(metrics: Mapping[str, float | None], step: int | None = None) -> None:

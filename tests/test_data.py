@@ -38,6 +38,20 @@ def test_npz_layouts_give_the_same_pixels(tmp_path, layout):
     assert torch.allclose(image, expected)
 
 
+def test_npz_from_other_code_common_names_and_one_hot_labels(tmp_path):
+    x, y = _images(), np.array([0, 2, 1, 2, 0, 1])
+    np.savez(tmp_path / "d.npz", images=x, labels=np.eye(3, dtype=np.float32)[y])
+    data = load_data(str(tmp_path / "d.npz"), SPEC)
+    assert data.labels.tolist() == y.tolist()
+    assert torch.allclose(data[3][0], torch.from_numpy(x[3].transpose(2, 0, 1)).float() / 255)
+    np.savez(tmp_path / "named.npz", pixels=x, classes=y)
+    with pytest.raises(DataError, match=r"no image array; expected one named x, .* \(found: classes, pixels\)"):
+        load_data(str(tmp_path / "named.npz"), SPEC)
+    np.savez(tmp_path / "soft.npz", x=x, y=np.full((6, 3), 1 / 3))
+    with pytest.raises(DataError, match="not one-hot"):
+        load_data(str(tmp_path / "soft.npz"), SPEC)
+
+
 def test_uncompressed_npz_is_memory_mapped_not_loaded(tmp_path):
     np.savez(tmp_path / "d.npz", x=_images(), y=np.zeros(6, int))
     source = open_source(str(tmp_path / "d.npz"))

@@ -65,7 +65,7 @@ def test_failed_alias_rolls_back_the_new_version(mlflow_home):
 
 
 def test_interrupted_demo_registers_nothing(mlflow_home, tmp_path):
-    """Ctrl-C during training: no version appears and the run is marked failed."""
+    """Ctrl-C during training: no version appears and the run is marked failed, saying why."""
     before = registry_snapshot()
 
     def interrupt(epoch, loss):
@@ -83,6 +83,7 @@ def test_interrupted_demo_registers_nothing(mlflow_home, tmp_path):
     assert registry_snapshot() == before
     runs = mlflow.search_runs(experiment_names=["harden"], filter_string="tags.`harden.command` = 'demo'", order_by=["start_time DESC"], max_results=1)
     assert runs.iloc[0]["status"] in ("FAILED", "KILLED")
+    assert runs.iloc[0]["tags.harden.error"] == "KeyboardInterrupt"
 
 
 def test_fit_reduces_loss():

@@ -60,12 +60,22 @@ class DigitsSource(ImageSource):
         return torch.from_numpy(self._images[index]).unsqueeze(0)
 
 
+# What other people's code names the arrays of an .npz (np.savez(f, images=..., labels=...)), first match wins.
+NPZ_IMAGE_KEYS = ("x", "X", "images", "imgs", "image", "data", "inputs", "x_test", "X_test")
+NPZ_LABEL_KEYS = ("y", "Y", "labels", "label", "targets", "target", "y_test", "Y_test")
+
+
+def _npz_key(path: Path, names: list[str], candidates: tuple[str, ...], what: str) -> str:
+    key = next((k for k in candidates if k in names), None)
+    if key is None:
+        raise DataError(f"{path}: no {what} array; expected one named {', '.join(candidates[:6])} (found: {', '.join(names) or 'none'})")
+    return key
+
+
 def _npz_member(path: Path, key: str) -> np.ndarray:
     """Memory-map an uncompressed .npz member (never read whole); decompress otherwise."""
     member = f"{key}.npy"
     with zipfile.ZipFile(path) as archive:
-        if member not in archive.namelist():
-            raise DataError(f"{path}: no array {key!r} (an .npz for harden holds x and y)")
         info = archive.getinfo(member)
         if info.compress_type != zipfile.ZIP_STORED:
             with archive.open(member) as handle:
@@ -84,15 +94,29 @@ def _npz_member(path: Path, key: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
 
 
+def _class_indices(path: Path, y: np.ndarray, count: int) -> np.ndarray:
+    """(N,) labels as given, or the class index of each (N, classes) one-hot row."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[0] == count and y.shape[1] > 1:
+        if not (np.all((y == 0) | (y == 1)) and np.all(y.sum(axis=1) == 1)):
+            raise DataError(f"{path}: labels have shape {y.shape} but are not one-hot rows; give one integer label per image")
+        return y.argmax(axis=1)
+    return y.reshape(-1)
+
+
 class NpzSource(ImageSource):
-    """`x` as (N,H,W), (N,H,W,C) or (N,C,H,W), uint8 or float in [0,1]; `y` as (N,) integers."""
+    """Images as (N,H,W), (N,H,W,C) or (N,C,H,W), uint8 or float in [0,1] (`x`, or a common name such
+    as `images`); labels as (N,) integers or (N, classes) one-hot (`y`, `labels`, `targets`)."""
 
     def __init__(self, path: Path) -> None:
         try:
-            x, y = _npz_member(path, "x"), _npz_member(path, "y")
+            with zipfile.ZipFile(path) as archive:
+                names = sorted(n[:-4] for n in archive.namelist() if n.endswith(".npy"))
+            x = _npz_member(path, _npz_key(path, names, NPZ_IMAGE_KEYS, "image"))
+            y = _npz_member(path, _npz_key(path, names, NPZ_LABEL_KEYS, "label"))
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
             raise DataError(f"{path}: not a readable .npz file ({exc})") from None
-        y = np.asarray(y).reshape(-1)
+        y = _class_indices(path, y, len(x))
         if len(x) != len(y):
             raise DataError(f"{path}: x has {len(x)} images but y has {len(y)} labels")
         if y.dtype.kind == "f" and not np.all(np.mod(y, 1) == 0):
