@@ -291,6 +291,23 @@ class _ChannelsLastNet(CustomNet):
         return super().forward(x.permute(0, 3, 1, 2))
 
 
+def test_a_model_exported_in_training_mode_runs_for_inference(tmp_path):
+    """Logged without model.eval(): the pt2 graph keeps dropout on and BatchNorm on batch statistics,
+    so outputs would depend on the batch. harden switches those operators to inference."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+                              torch.nn.Flatten(), torch.nn.Linear(8 * 14 * 14, 5))
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    loaded = load_model(save_pt2(net.train(), torch.rand(4, 3, 16, 16), tmp_path / "train_mode.pt2"))
+    assert loaded.training_ops == 2 and "2 dropout/BatchNorm ops run for inference" in loaded.describe()
+    images = torch.rand(6, 3, 16, 16)
+    with torch.no_grad():
+        expected = net.eval()(images)
+        assert torch.allclose(loaded.module(images), expected, atol=1e-5)
+        assert torch.allclose(loaded.module(images[:2]), expected[:2], atol=1e-5)
+    assert load_model(save_pt2(net, torch.rand(4, 3, 16, 16), tmp_path / "eval_mode.pt2")).training_ops == 0
+
+
 def test_a_channels_last_model_is_a_clear_error_not_a_misread_input(tmp_path):
     example = torch.rand(4, 32, 32, 3)
     save_pt2(_ChannelsLastNet().eval(), example, tmp_path / "nhwc.pt2")

@@ -50,6 +50,7 @@ class LoadedModel:
     std: tuple[float, ...] | None = None
     output: str = "logits"  # what the network returns (wrappers.OUTPUTS); `module` always returns logits
     dtype: torch.dtype = torch.float32  # the weights' dtype as logged; `module` computes in float32
+    training_ops: int = 0  # dropout/BatchNorm operators a pt2 graph had captured in training mode, now run for inference
     class_names: list[str] | None = None
     registered: RegisteredVersion | None = None
     local_path: Path | None = None
@@ -92,7 +93,8 @@ class LoadedModel:
     def describe(self) -> str:
         arch = self.arch or "unknown architecture"
         precision = "" if self.dtype == torch.float32 else f", {str(self.dtype).removeprefix('torch.')} weights run in float32"
-        return f"{self.uri} ({self.format}, {arch}, {self.num_classes} classes, input {self.input_spec or '?'}{precision})"
+        mode = f", exported in training mode: {self.training_ops} dropout/BatchNorm ops run for inference" if self.training_ops else ""
+        return f"{self.uri} ({self.format}, {arch}, {self.num_classes} classes, input {self.input_spec or '?'}{precision}{mode})"
 
 
 @dataclass
@@ -105,6 +107,7 @@ class _Raw:
     static_batch: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     state_dict: dict[str, torch.Tensor] | None = None
+    training_ops: int = 0
 
 
 @dataclass
@@ -196,6 +199,7 @@ def load_model(
         std=std,
         output=output,
         dtype=dtype,
+        training_ops=raw.training_ops,
         class_names=meta.get("class_names"),
         registered=registered,
         local_path=path,
@@ -316,7 +320,40 @@ def _read_pt2(path: Path) -> _Raw:
             break
     static_batch = shape[0] if shape and isinstance(shape[0], int) else None
     spec = InputSpec.from_shape(shape) if shape and len(shape) == 4 else None
-    return _Raw(program.module(), "pt2", spec, static_batch, state_dict=dict(program.state_dict))
+    net = program.module()
+    return _Raw(net, "pt2", spec, static_batch, state_dict=dict(program.state_dict), training_ops=_for_inference(net))
+
+
+# Operators whose training flag torch.export bakes into the graph, and that flag's position.
+_TRAINING_FLAG = {
+    torch.ops.aten.batch_norm.default: 5,
+    torch.ops.aten._native_batch_norm_legit.default: 5,
+    torch.ops.aten._native_batch_norm_legit_functional.default: 5,
+    torch.ops.aten.dropout.default: 2,
+    torch.ops.aten.native_dropout.default: 2,
+    torch.ops.aten.feature_dropout.default: 2,
+    torch.ops.aten.alpha_dropout.default: 2,
+    torch.ops.aten.feature_alpha_dropout.default: 2,
+}
+
+
+def _for_inference(net: torch.fx.GraphModule) -> int:
+    """Switch dropout and BatchNorm captured in training mode to inference; returns how many.
+
+    A model logged without `model.eval()` exports its training behaviour into the pt2 graph,
+    where `.eval()` cannot reach it: dropout stays on and BatchNorm normalises each batch by
+    its own statistics (and overwrites the running ones), so every output depends on what else
+    is in the batch. Served that way it would be wrong too; harden runs it as its owner meant.
+    """
+    changed = 0
+    for node in net.graph.nodes:
+        index = _TRAINING_FLAG.get(node.target) if node.op == "call_function" else None
+        if index is not None and len(node.args) > index and node.args[index] is True:
+            node.args = (*node.args[:index], False, *node.args[index + 1:])
+            changed += 1
+    if changed:
+        net.recompile()
+    return changed
 
 
 def _is_torchscript(path: Path) -> bool:
