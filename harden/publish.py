@@ -66,7 +66,7 @@ def publish(
     without `register_as` the model is only logged to the run.
     """
     meta = {**source.harden_metadata(), **(metadata or {})}
-    shape = source.input_spec.shape if source.input_spec else None
+    shape = source.network_input_shape
     if shape is None:
         raise HardenError(f"{source.uri}: input shape unknown; pass --input-size")
     example_batch = source.module.static_batch or 2
@@ -93,7 +93,7 @@ def _in_logged_dtype(net: nn.Module, source_dtype: torch.dtype) -> tuple[nn.Modu
     return net, _LOGGABLE_DTYPES[dtype]
 
 
-def _save_local(net: nn.Module, shape: tuple[int, int, int], meta: Mapping[str, Any], example_batch: int, dtype: str, output: Path) -> Path:
+def _save_local(net: nn.Module, shape: tuple[int, ...], meta: Mapping[str, Any], example_batch: int, dtype: str, output: Path) -> Path:
     import mlflow
 
     check_output_dir(output)

@@ -193,7 +193,7 @@ def eval_mode(net):
     return net.cpu()
 
 
-def example_input(input_shape: tuple[int, int, int], batch: int = 2, dtype: str = "float32") -> np.ndarray:
+def example_input(input_shape: tuple[int, ...], batch: int = 2, dtype: str = "float32") -> np.ndarray:
     """The input example MLflow exports and signs models with: batch > 1 keeps the batch dynamic;
     its dtype is the one the model's weights are in (pt2 export traces the model on it)."""
     return np.zeros((batch, *input_shape), dtype=dtype)
@@ -211,7 +211,7 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in _PT2_REQUIREMENTS]
 
 
-def model_kwargs(net, input_shape: tuple[int, int, int], harden_metadata: Mapping[str, Any], example_batch: int = 2,
+def model_kwargs(net, input_shape: tuple[int, ...], harden_metadata: Mapping[str, Any], example_batch: int = 2,
                  dtype: str = "float32") -> dict[str, Any]:
     """What `mlflow.pytorch.log_model` and `save_model` get for a model harden writes.
 
@@ -231,7 +231,7 @@ def model_kwargs(net, input_shape: tuple[int, int, int], harden_metadata: Mappin
             "pip_requirements": pip_requirements()}
 
 
-def log_model(net, input_shape: tuple[int, int, int], harden_metadata: Mapping[str, Any], name: str = "model", example_batch: int = 2,
+def log_model(net, input_shape: tuple[int, ...], harden_metadata: Mapping[str, Any], name: str = "model", example_batch: int = 2,
               dtype: str = "float32"):
     """Log a model as pt2 (+ pyfunc) with a numpy example; a batch-2 example gives a dynamic batch."""
     import mlflow

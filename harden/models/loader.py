@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import math
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class LoadedModel:
     output: str = "logits"  # what the network returns (wrappers.OUTPUTS); `module` always returns logits
     dtype: torch.dtype = torch.float32  # the weights' dtype as logged; `module` computes in float32
     training_ops: int = 0  # dropout/BatchNorm operators a pt2 graph had captured in training mode, now run for inference
+    flat_features: int | None = None  # the network takes (batch, C·H·W) vectors; `input_spec` is the image they flatten
     class_names: list[str] | None = None
     registered: RegisteredVersion | None = None
     local_path: Path | None = None
@@ -75,7 +77,7 @@ class LoadedModel:
             raise ModelLoadError(f"{self.uri}: a {self.format} model cannot be trained; pass --arch (see `harden list archs`)")
         for param in net.parameters():
             param.requires_grad_(True)
-        return PixelModel(net, self.mean, self.std, static_batch, self.output)
+        return PixelModel(net, self.mean, self.std, static_batch, self.output, flat=self.flat_features is not None)
 
     def harden_metadata(self) -> dict[str, Any]:
         """What harden records in the MLmodel metadata of models it writes."""
@@ -94,7 +96,15 @@ class LoadedModel:
         arch = self.arch or "unknown architecture"
         precision = "" if self.dtype == torch.float32 else f", {str(self.dtype).removeprefix('torch.')} weights run in float32"
         mode = f", exported in training mode: {self.training_ops} dropout/BatchNorm ops run for inference" if self.training_ops else ""
-        return f"{self.uri} ({self.format}, {arch}, {self.num_classes} classes, input {self.input_spec or '?'}{precision}{mode})"
+        flat = f" flattened to {self.flat_features} features" if self.flat_features else ""
+        return f"{self.uri} ({self.format}, {arch}, {self.num_classes} classes, input {self.input_spec or '?'}{flat}{precision}{mode})"
+
+    @property
+    def network_input_shape(self) -> tuple[int, ...] | None:
+        """One input of the network itself (not harden's image wrapper): C×H×W, or (C·H·W,) for a flat one."""
+        if self.input_spec is None:
+            return None
+        return (self.flat_features,) if self.flat_features else self.input_spec.shape
 
 
 @dataclass
@@ -108,6 +118,7 @@ class _Raw:
     metadata: dict[str, Any] = field(default_factory=dict)
     state_dict: dict[str, torch.Tensor] | None = None
     training_ops: int = 0
+    flat_features: int | None = None
 
 
 @dataclass
@@ -166,6 +177,8 @@ def load_model(
     arch = arch or meta.get("arch")
     arch_kwargs = dict(meta.get("arch_kwargs") or {})
     input_spec = spec or (InputSpec.from_shape(meta["input_shape"]) if meta.get("input_shape") else None) or raw.input_spec
+    if raw.flat_features:
+        input_spec = _image_of_flat_input(raw.flat_features, input_spec, uri)
     if spec is None and input_spec is not None and input_spec.channels > 4 and input_spec.width in (1, 3, 4):
         c, h, w = input_spec.shape
         raise ModelLoadError(f"{uri}: the model takes (batch, {c}, {h}, {w}), which looks channels-last (batch, height, width, channels); "
@@ -179,7 +192,7 @@ def load_model(
         raise ModelLoadError(f"--mean has {len(mean)} values but the model takes {input_spec.channels} channels")
 
     net, dtype = _in_float32(raw.net)
-    module = PixelModel(net, mean, std, raw.static_batch).eval()
+    module = PixelModel(net, mean, std, raw.static_batch, flat=raw.flat_features is not None).eval()
     out_classes, output = _probe_outputs(module, input_spec, raw.static_batch)
     module.output = output
     if num_classes is not None and out_classes is not None and num_classes != out_classes:
@@ -200,6 +213,7 @@ def load_model(
         output=output,
         dtype=dtype,
         training_ops=raw.training_ops,
+        flat_features=raw.flat_features,
         class_names=meta.get("class_names"),
         registered=registered,
         local_path=path,
@@ -207,6 +221,23 @@ def load_model(
         _tmp=tmp,
     )
     return loaded
+
+
+def _image_of_flat_input(features: int, given: InputSpec | None, uri: str) -> InputSpec:
+    """The image a network of flat (batch, features) inputs flattens: `--input-size` (or harden's
+    metadata) when given, else a square grey or RGB image of that many values (784 → 1×28×28,
+    3072 → 3×32×32; no count is both)."""
+    if given is not None:
+        if given.channels * given.height * given.width != features:
+            raise ModelLoadError(f"{uri}: the model takes vectors of {features} features, but an input of {given} has "
+                                 f"{given.channels * given.height * given.width} values")
+        return given
+    for channels in (1, 3):
+        side = math.isqrt(features // channels)
+        if channels * side * side == features:
+            return InputSpec(channels, side, side)
+    raise ModelLoadError(f"{uri}: the model takes flat vectors of {features} features; pass --input-size CxHxW "
+                         f"(C·H·W = {features}) to say which image they are")
 
 
 def _in_float32(net: nn.Module) -> tuple[nn.Module, torch.dtype]:
@@ -272,7 +303,7 @@ def _read_mlflow_dir(path: Path, *, allow_pickle: bool) -> _Raw:
         raise ModelLoadError(f"{path}/MLmodel is not readable: {exc}") from None
     flavors = (mlmodel or {}).get("flavors") or {}
     metadata = ((mlmodel or {}).get("metadata") or {}).get("harden") or {}
-    signature_spec = _signature_input_spec(mlmodel or {})
+    signature_shape = _signature_input_shape(mlmodel or {})
     if "pytorch" not in flavors:
         raise ModelLoadError(f"{path}: MLflow model has flavors {sorted(flavors)}, harden needs the pytorch flavor")
     data_dir = path / (flavors["pytorch"].get("model_data") or "data")
@@ -291,18 +322,19 @@ def _read_mlflow_dir(path: Path, *, allow_pickle: bool) -> _Raw:
     else:
         raise ModelLoadError(f"{path}: no model.pt2 or model.pth under {data_dir.name}/")
     raw.metadata = metadata
-    raw.input_spec = raw.input_spec or signature_spec
+    if signature_shape is not None:
+        raw.input_spec = raw.input_spec or InputSpec.from_shape(signature_shape)
+        raw.flat_features = raw.flat_features or _flat_features(signature_shape)
     return raw
 
 
-def _signature_input_spec(mlmodel: dict) -> InputSpec | None:
+def _signature_input_shape(mlmodel: dict) -> list[Any] | None:
     inputs = ((mlmodel.get("signature") or {}).get("inputs")) or "[]"
     try:
         columns = yaml.safe_load(inputs) if isinstance(inputs, str) else inputs
-        shape = columns[0]["tensor-spec"]["shape"]
+        return list(columns[0]["tensor-spec"]["shape"])
     except (KeyError, IndexError, TypeError, yaml.YAMLError):
         return None
-    return InputSpec.from_shape(shape)
 
 
 def _read_pt2(path: Path) -> _Raw:
@@ -321,7 +353,15 @@ def _read_pt2(path: Path) -> _Raw:
     static_batch = shape[0] if shape and isinstance(shape[0], int) else None
     spec = InputSpec.from_shape(shape) if shape and len(shape) == 4 else None
     net = program.module()
-    return _Raw(net, "pt2", spec, static_batch, state_dict=dict(program.state_dict), training_ops=_for_inference(net))
+    return _Raw(net, "pt2", spec, static_batch, state_dict=dict(program.state_dict), training_ops=_for_inference(net),
+                flat_features=_flat_features(shape))
+
+
+def _flat_features(shape: Sequence[Any] | None) -> int | None:
+    """Features per input of a network that takes (batch, features) vectors, from its input shape."""
+    if shape is not None and len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0:
+        return shape[1]
+    return None
 
 
 # Operators whose training flag torch.export bakes into the graph, and that flag's position.
