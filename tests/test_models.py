@@ -218,27 +218,31 @@ def test_a_half_precision_model_is_analysed_in_float32_and_published_back_in_hal
     assert next(loaded.module.parameters()).dtype == torch.float32  # publishing cast a copy
 
 
-def test_a_model_of_flat_vectors_gets_flattened_images_and_is_published_flat(tmp_path, mlflow_home):
-    """An MLP logged on (batch, 784) vectors: harden reads the image they flatten (1x28x28 by default,
-    or --input-size), feeds it images, and publishes the network with its own flat input again."""
+def test_a_model_of_flat_vectors_or_grey_planes_gets_reshaped_images_and_is_published_as_it_was(tmp_path, mlflow_home):
+    """An MLP logged on (batch, 784) vectors, or a model of (batch, 28, 28) planes: harden reads the
+    image they hold (1x28x28, or --input-size), feeds it images, and publishes the network with its own input again."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(784, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)).eval()
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)).eval()
     path = save_pt2(net, torch.rand(4, 784), tmp_path / "mlp.pt2")
     loaded = load_model(path)
-    assert loaded.input_spec == InputSpec(1, 28, 28) and "flattened to 784 features" in loaded.describe()
+    assert loaded.input_spec == InputSpec(1, 28, 28) and loaded.describe().endswith("input 1x28x28 as 784)")
     images = torch.rand(5, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(loaded.module(images), net(images.flatten(1)))
     assert load_model(path, input_size="4x14x14").input_spec == InputSpec(4, 14, 14)
-    with pytest.raises(ModelLoadError, match="vectors of 784 features, but an input of 3x28x28 has 2352 values"):
+    with pytest.raises(ModelLoadError, match="inputs of 784 .784 values., but an image of 3x28x28 has 2352"):
         load_model(path, input_size="3x28x28")
     with pytest.raises(ModelLoadError, match="flat vectors of 50 features; pass --input-size"):
         load_model(save_pt2(torch.nn.Linear(50, 3), torch.rand(4, 50), tmp_path / "odd.pt2"))
+    planes = load_model(save_pt2(net, torch.rand(4, 28, 28), tmp_path / "planes.pt2"))
+    assert planes.input_spec == InputSpec(1, 28, 28) and planes.sample_shape == (28, 28)
+    with torch.no_grad():
+        assert torch.allclose(planes.module(images), net(images[:, 0]))
     with tracking.command_run("purify", str(path)):
         published = publish(loaded.trainable().net, loaded, tags={}, output=tmp_path / "out")
     assert '"shape": [-1, 784]' in (tmp_path / "out" / "MLmodel").read_text()
     again = load_model(published.local_path)
-    assert again.flat_features == 784 and again.input_spec == InputSpec(1, 28, 28)
+    assert again.sample_shape == (784,) and again.input_spec == InputSpec(1, 28, 28)
 
 
 class _MoreThanLogitsNet(CustomNet):

@@ -52,7 +52,7 @@ class LoadedModel:
     output: str = "logits"  # what the network returns (wrappers.OUTPUTS); `module` always returns logits
     dtype: torch.dtype = torch.float32  # the weights' dtype as logged; `module` computes in float32
     training_ops: int = 0  # dropout/BatchNorm operators a pt2 graph had captured in training mode, now run for inference
-    flat_features: int | None = None  # the network takes (batch, C·H·W) vectors; `input_spec` is the image they flatten
+    sample_shape: tuple[int, ...] | None = None  # the network's input per sample when not C×H×W; `input_spec` is the image reshaped to it
     class_names: list[str] | None = None
     registered: RegisteredVersion | None = None
     local_path: Path | None = None
@@ -77,7 +77,7 @@ class LoadedModel:
             raise ModelLoadError(f"{self.uri}: a {self.format} model cannot be trained; pass --arch (see `harden list archs`)")
         for param in net.parameters():
             param.requires_grad_(True)
-        return PixelModel(net, self.mean, self.std, static_batch, self.output, flat=self.flat_features is not None)
+        return PixelModel(net, self.mean, self.std, static_batch, self.output, sample_shape=self.sample_shape)
 
     def harden_metadata(self) -> dict[str, Any]:
         """What harden records in the MLmodel metadata of models it writes."""
@@ -96,15 +96,15 @@ class LoadedModel:
         arch = self.arch or "unknown architecture"
         precision = "" if self.dtype == torch.float32 else f", {str(self.dtype).removeprefix('torch.')} weights run in float32"
         mode = f", exported in training mode: {self.training_ops} dropout/BatchNorm ops run for inference" if self.training_ops else ""
-        flat = f" flattened to {self.flat_features} features" if self.flat_features else ""
-        return f"{self.uri} ({self.format}, {arch}, {self.num_classes} classes, input {self.input_spec or '?'}{flat}{precision}{mode})"
+        reshaped = f" as {'x'.join(map(str, self.sample_shape))}" if self.sample_shape else ""
+        return f"{self.uri} ({self.format}, {arch}, {self.num_classes} classes, input {self.input_spec or '?'}{reshaped}{precision}{mode})"
 
     @property
     def network_input_shape(self) -> tuple[int, ...] | None:
-        """One input of the network itself (not harden's image wrapper): C×H×W, or (C·H·W,) for a flat one."""
+        """One input of the network itself (not harden's image wrapper): C×H×W, or its own shape such as (C·H·W,)."""
         if self.input_spec is None:
             return None
-        return (self.flat_features,) if self.flat_features else self.input_spec.shape
+        return self.sample_shape or self.input_spec.shape
 
 
 @dataclass
@@ -118,7 +118,7 @@ class _Raw:
     metadata: dict[str, Any] = field(default_factory=dict)
     state_dict: dict[str, torch.Tensor] | None = None
     training_ops: int = 0
-    flat_features: int | None = None
+    sample_shape: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -177,8 +177,8 @@ def load_model(
     arch = arch or meta.get("arch")
     arch_kwargs = dict(meta.get("arch_kwargs") or {})
     input_spec = spec or (InputSpec.from_shape(meta["input_shape"]) if meta.get("input_shape") else None) or raw.input_spec
-    if raw.flat_features:
-        input_spec = _image_of_flat_input(raw.flat_features, input_spec, uri)
+    if raw.sample_shape:
+        input_spec = _image_of_sample_shape(raw.sample_shape, input_spec, uri)
     if spec is None and input_spec is not None and input_spec.channels > 4 and input_spec.width in (1, 3, 4):
         c, h, w = input_spec.shape
         raise ModelLoadError(f"{uri}: the model takes (batch, {c}, {h}, {w}), which looks channels-last (batch, height, width, channels); "
@@ -192,7 +192,7 @@ def load_model(
         raise ModelLoadError(f"--mean has {len(mean)} values but the model takes {input_spec.channels} channels")
 
     net, dtype = _in_float32(raw.net)
-    module = PixelModel(net, mean, std, raw.static_batch, flat=raw.flat_features is not None).eval()
+    module = PixelModel(net, mean, std, raw.static_batch, sample_shape=raw.sample_shape).eval()
     out_classes, output = _probe_outputs(module, input_spec, raw.static_batch)
     module.output = output
     if num_classes is not None and out_classes is not None and num_classes != out_classes:
@@ -213,7 +213,7 @@ def load_model(
         output=output,
         dtype=dtype,
         training_ops=raw.training_ops,
-        flat_features=raw.flat_features,
+        sample_shape=raw.sample_shape,
         class_names=meta.get("class_names"),
         registered=registered,
         local_path=path,
@@ -223,21 +223,25 @@ def load_model(
     return loaded
 
 
-def _image_of_flat_input(features: int, given: InputSpec | None, uri: str) -> InputSpec:
-    """The image a network of flat (batch, features) inputs flattens: `--input-size` (or harden's
-    metadata) when given, else a square grey or RGB image of that many values (784 → 1×28×28,
-    3072 → 3×32×32; no count is both)."""
+def _image_of_sample_shape(sample_shape: tuple[int, ...], given: InputSpec | None, uri: str) -> InputSpec:
+    """The image that a network of (batch, H, W) or (batch, features) inputs reads: `--input-size` (or
+    harden's metadata) when given; else a grey H×W image, or a square grey or RGB image of that
+    many values (784 → 1×28×28, 3072 → 3×32×32; no count is both)."""
+    values = math.prod(sample_shape)
+    taken = "x".join(map(str, sample_shape))
     if given is not None:
-        if given.channels * given.height * given.width != features:
-            raise ModelLoadError(f"{uri}: the model takes vectors of {features} features, but an input of {given} has "
-                                 f"{given.channels * given.height * given.width} values")
+        if given.channels * given.height * given.width != values:
+            raise ModelLoadError(f"{uri}: the model takes inputs of {taken} ({values} values), but an image of {given} has "
+                                 f"{given.channels * given.height * given.width}")
         return given
+    if len(sample_shape) == 2:
+        return InputSpec(1, *sample_shape)
     for channels in (1, 3):
-        side = math.isqrt(features // channels)
-        if channels * side * side == features:
+        side = math.isqrt(values // channels)
+        if channels * side * side == values:
             return InputSpec(channels, side, side)
-    raise ModelLoadError(f"{uri}: the model takes flat vectors of {features} features; pass --input-size CxHxW "
-                         f"(C·H·W = {features}) to say which image they are")
+    raise ModelLoadError(f"{uri}: the model takes flat vectors of {values} features; pass --input-size CxHxW "
+                         f"(C·H·W = {values}) to say which image they are")
 
 
 def _in_float32(net: nn.Module) -> tuple[nn.Module, torch.dtype]:
@@ -324,7 +328,7 @@ def _read_mlflow_dir(path: Path, *, allow_pickle: bool) -> _Raw:
     raw.metadata = metadata
     if signature_shape is not None:
         raw.input_spec = raw.input_spec or InputSpec.from_shape(signature_shape)
-        raw.flat_features = raw.flat_features or _flat_features(signature_shape)
+        raw.sample_shape = raw.sample_shape or _non_image_sample_shape(signature_shape)
     return raw
 
 
@@ -354,13 +358,13 @@ def _read_pt2(path: Path) -> _Raw:
     spec = InputSpec.from_shape(shape) if shape and len(shape) == 4 else None
     net = program.module()
     return _Raw(net, "pt2", spec, static_batch, state_dict=dict(program.state_dict), training_ops=_for_inference(net),
-                flat_features=_flat_features(shape))
+                sample_shape=_non_image_sample_shape(shape))
 
 
-def _flat_features(shape: Sequence[Any] | None) -> int | None:
-    """Features per input of a network that takes (batch, features) vectors, from its input shape."""
-    if shape is not None and len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0:
-        return shape[1]
+def _non_image_sample_shape(shape: Sequence[Any] | None) -> tuple[int, ...] | None:
+    """A network's input per sample when its input is (batch, features) or (batch, H, W), not (batch, C, H, W)."""
+    if shape is not None and len(shape) in (2, 3) and all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        return tuple(shape[1:])
     return None
 
 

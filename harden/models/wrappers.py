@@ -12,8 +12,9 @@ cross-entropy saturates and trigger unlearning barely moves the model). A binary
 with one output (a column or a 1-D tensor; a logit, or a sigmoid probability) becomes two classes with logits
 (0, z), whose softmax is (1 − σ(z), σ(z)): column 1 is the positive class. A network that returns more
 than its logits, such as (logits, features) or a dict or Hugging Face output with a `logits` entry, is
-read through `network_logits`. A network that takes flat vectors, (batch, C·H·W), gets its images
-flattened in channel, row, column order, as `x.view(len(x), -1)` does.
+read through `network_logits`. A network whose input is not (batch, C, H, W), such as an MLP on
+(batch, C·H·W) vectors or a model of (batch, H, W) grey images, gets its images reshaped to that
+input in channel, row, column order, as `x.view(len(x), -1)` does.
 """
 
 from __future__ import annotations
@@ -71,13 +72,14 @@ class PixelModel(nn.Module):
         std: Sequence[float] | None = None,
         static_batch: int | None = None,
         output: str = "logits",
-        flat: bool = False,
+        sample_shape: Sequence[int] | None = None,
     ):
         super().__init__()
         self.net = net
         self.static_batch = static_batch
         self.output = output
-        self.flat = flat  # the network takes (batch, C·H·W) vectors: images are flattened after normalisation
+        # the network's own input per sample when it is not C×H×W (e.g. (784,)): images are reshaped after normalisation
+        self.sample_shape = tuple(sample_shape) if sample_shape else None
         if (mean is None) != (std is None):
             raise ValueError("mean and std go together")
         self.normalize = False
@@ -114,5 +116,5 @@ class PixelModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize:
             x = (x - self.mean) / self.std
-        out = self._forward_net(x.flatten(1) if self.flat else x)
+        out = self._forward_net(x.reshape(len(x), *self.sample_shape) if self.sample_shape else x)
         return OUTPUTS[self.output](out)
