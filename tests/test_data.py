@@ -93,6 +93,8 @@ def test_imagefolder_named_and_numeric_classes(tmp_path):
     data = load_data(str(tmp_path / "named"), SPEC)
     assert data.classes == ["ant", "cat"] and data.labels.tolist() == [0, 1]
     assert data[0][0].shape == (3, 16, 16)  # folders are resized to the model's input
+    with pytest.raises(DataError, match=r"2 class folders \(ant, cat\) for a model of 3 classes; .* name them by class index \(0..2\)"):
+        load_data(str(tmp_path / "named"), SPEC, num_classes=3)  # which of the 3 classes is "ant" is unknowable
 
     for name in ("7", "2"):
         (tmp_path / "numeric" / name).mkdir(parents=True)
