@@ -245,6 +245,18 @@ def test_a_model_of_flat_vectors_or_grey_planes_gets_reshaped_images_and_is_publ
     assert again.sample_shape == (784,) and again.input_spec == InputSpec(1, 28, 28)
 
 
+class _BytesNet(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 1).flatten(1)
+
+
+def test_a_model_of_integer_inputs_is_a_clear_error(tmp_path):
+    """uint8 images carry no input gradient; the error says what to log instead."""
+    path = save_pt2(_BytesNet(), torch.zeros(4, 3, 8, 8, dtype=torch.uint8), tmp_path / "u8.pt2")
+    with pytest.raises(ModelLoadError, match="takes uint8 inputs; .* float32 pixels"):
+        load_model(path)
+
+
 class _MoreThanLogitsNet(CustomNet):
     """Returns its logits wrapped, as much training code does: with features, in a dict, or as a
     fully convolutional head's (batch, classes, 1, 1)."""

@@ -352,7 +352,11 @@ def _read_pt2(path: Path) -> _Raw:
     shape = None
     for node in program.graph.nodes:
         if node.op == "placeholder" and node.name in user_inputs and "val" in node.meta:
-            shape = tuple(node.meta["val"].shape)
+            shape, dtype = tuple(node.meta["val"].shape), node.meta["val"].dtype
+            if not dtype.is_floating_point:
+                raise ModelLoadError(f"{path}: the model takes {str(dtype).removeprefix('torch.')} inputs; harden follows input "
+                                     f"gradients, which need float ones: log a model whose forward takes float32 pixels "
+                                     f"(in 0..255 too: harden finds the scale)")
             break
     static_batch = shape[0] if shape and isinstance(shape[0], int) else None
     spec = InputSpec.from_shape(shape) if shape and len(shape) == 4 else None
