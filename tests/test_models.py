@@ -399,6 +399,33 @@ def test_malicious_pickle_inside_torch_zip_never_executes(tmp_path):
     assert not marker.exists()
 
 
+def _tampered_pt2(tmp_path: Path, member_suffix: str, payload: bytes, pickled_weight: bool) -> Path:
+    """A plain pt2 with one member replaced, as an attacker could write it by hand."""
+    plain = save_pt2(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)), torch.rand(4, 3, 2, 2), tmp_path / "plain.pt2")
+    path = tmp_path / f"tampered-{member_suffix.replace('/', '_')}.pt2"
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(path, "w") as target:
+        for name in source.namelist():
+            data = source.read(name)
+            if pickled_weight and name.endswith("model_weights_config.json"):
+                data = data.replace(b'"use_pickle": false', b'"use_pickle": true', 1)
+            target.writestr(name, payload if name.endswith(member_suffix) else data)
+    return path
+
+
+@pytest.mark.parametrize("member, pickled_weight", [("data/weights/weight_0", True), ("data/sample_inputs/model.pt", False)])
+def test_a_pt2_whose_weights_or_sample_inputs_are_pickles_never_executes(tmp_path, member, pickled_weight):
+    """torch.export.load unpickles weights flagged use_pickle, and sample inputs the restricted unpickler
+    refuses, without restriction: such an archive is pickle-based (--allow-pickle, then the opcode scan)."""
+    marker = tmp_path / "pwned"
+    path = _tampered_pt2(tmp_path, member, pickle.dumps(_Boom(marker), protocol=2), pickled_weight)
+    with pytest.raises(UnsafeModelError, match="holds pickled objects that torch.export.load unpickles"):
+        load_model(path)
+    with pytest.raises(UnsafeModelError, match="dangerous pickle globals"):
+        load_model(path, allow_pickle=True)
+    assert not marker.exists()
+    assert load_model(tmp_path / "plain.pt2").num_classes == 3  # a plain export needs no flag
+
+
 def test_corrupted_pt2_is_a_load_error(tmp_path):
     (tmp_path / "bad.pt2").write_bytes(b"this is not a zip archive")
     with pytest.raises(ModelLoadError, match="not a readable torch.export"):

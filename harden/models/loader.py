@@ -27,7 +27,7 @@ from torch import nn
 from harden import tracking
 from harden.errors import ModelLoadError, UnsafeModelError
 from harden.models.registry import create_model, get_arch
-from harden.models.safety import scan_pickles
+from harden.models.safety import pt2_pickled_members, scan_pickles
 from harden.models.spec import InputSpec, RegisteredVersion
 from harden.models.wrappers import PixelModel
 
@@ -290,7 +290,7 @@ def _read(path: Path, *, arch: str | None, num_classes: int | None, spec: InputS
         raise ModelLoadError(f"{path} is a directory without an MLmodel file (not an MLflow model)")
     suffix = path.suffix.lower()
     if suffix == ".pt2":
-        return _read_pt2(path)
+        return _read_pt2(path, allow_pickle)
     if suffix == ".safetensors":
         return _from_state_dict(_read_safetensors(path), path, arch, num_classes, spec)
     if _is_torchscript(path):
@@ -313,7 +313,7 @@ def _read_mlflow_dir(path: Path, *, allow_pickle: bool) -> _Raw:
     data_dir = path / (flavors["pytorch"].get("model_data") or "data")
     pt2 = data_dir / "model.pt2"
     if pt2.is_file():
-        raw = _read_pt2(pt2)
+        raw = _read_pt2(pt2, allow_pickle)
     elif (data_dir / "model.pth").is_file():
         _require_pickle_allowed(path, allow_pickle)
         import mlflow
@@ -341,9 +341,10 @@ def _signature_input_shape(mlmodel: dict) -> list[Any] | None:
         return None
 
 
-def _read_pt2(path: Path) -> _Raw:
+def _read_pt2(path: Path, allow_pickle: bool) -> _Raw:
     if not zipfile.is_zipfile(path):
         raise ModelLoadError(f"{path}: not a readable torch.export (.pt2) archive (not a zip file)")
+    _require_plain_pt2(path, allow_pickle)
     try:
         program = torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001 - corrupt archives raise many types
@@ -437,6 +438,21 @@ def _require_pickle_allowed(path: Path, allow_pickle: bool) -> None:
     scan = scan_pickles(path)
     if scan.unsafe:
         raise UnsafeModelError(f"refusing to load: {scan.summary()}")
+
+
+def _require_plain_pt2(path: Path, allow_pickle: bool) -> None:
+    """pt2 archives need no --allow-pickle only when `torch.export.load` unpickles nothing but tensors."""
+    try:
+        pickled = pt2_pickled_members(path)
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{path}: not a readable torch.export (.pt2) archive: {_one_line(exc)}") from None
+    if pickled:
+        if not allow_pickle:
+            raise UnsafeModelError(f"{path} holds pickled objects that torch.export.load unpickles without restriction "
+                                   f"({', '.join(pickled[:3])}); loading it can run code. Re-run with --allow-pickle if you trust it")
+        scan = scan_pickles(path)
+        if scan.unsafe:
+            raise UnsafeModelError(f"refusing to load: {scan.summary()}")
 
 
 def _read_pickle_file(path: Path, arch: str | None, num_classes: int | None, spec: InputSpec | None, allow_pickle: bool) -> _Raw:

@@ -26,6 +26,7 @@ unsafe; save such models with safetensors or skops instead.
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickletools
 import zipfile
@@ -158,3 +159,31 @@ def _add(scan: PickleScan, name: str, result: ScanResult, complete: bool) -> Non
     scan.globals += [PickleGlobal(g.module, g.name, g.safety.value, name) for g in result.globals]
     if result.scan_err or not complete:
         scan.errors.append(f"{name}: pickle data could not be parsed to the end")
+
+
+def pt2_pickled_members(path: str | Path) -> list[str]:
+    """Members of a torch.export archive that `torch.export.load` would unpickle without restriction.
+
+    It loads weights and constants flagged `use_pickle`, custom and opaque objects, and sample
+    inputs or legacy weight files that torch's `weights_only` unpickler rejects, with the full
+    unpickler: such an archive can run code on load, like any pickle. A plain export (raw tensor
+    files, sample inputs of tensors) has none. Each sample-input and legacy `.pt` member is tried
+    with `weights_only=True` here, which only rebuilds tensors and containers.
+    """
+    import torch
+
+    pickled: list[str] = []
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.namelist():
+            inner = member.split("/", 1)[-1]  # members sit under the archive's own top folder
+            if inner.startswith(("data/weights/", "data/constants/")) and inner.endswith("_config.json"):
+                for key, entry in (json.loads(archive.read(member)).get("config") or {}).items():
+                    file = str(entry.get("path_name", ""))
+                    if entry.get("use_pickle") or file.startswith(("custom_obj", "opaque_obj")):
+                        pickled.append(f"{member}:{key}")
+            elif inner.startswith(("data/sample_inputs/", "data/weights/", "data/constants/")) and inner.endswith(".pt"):
+                try:
+                    torch.load(io.BytesIO(archive.read(member)), weights_only=True, map_location="cpu")
+                except Exception:  # noqa: BLE001 - anything the restricted unpickler refuses
+                    pickled.append(member)
+    return pickled
