@@ -86,6 +86,19 @@ def test_batch_one_export_is_served_in_chunks(mlflow_home, tmp_path):
         assert torch.allclose(loaded.module(x), net(x), atol=1e-5)
 
 
+def test_bounded_dynamic_batch_is_served_in_chunks(tmp_path):
+    """Exported with Dim("batch", max=8): larger batches fail the export's guard; harden splits them."""
+    net = CustomNet().eval()
+    program = torch.export.export(net, (torch.rand(4, 3, 32, 32),), dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=8)},))
+    torch.export.save(program, str(tmp_path / "bounded.pt2"))
+    loaded = load_model(tmp_path / "bounded.pt2")
+    assert loaded.module.max_batch == 8 and loaded.module.static_batch is None
+    x = torch.rand(19, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(x), net(x), atol=1e-5)
+        assert torch.allclose(loaded.trainable()(x), net(x), atol=1e-5)
+
+
 def test_harden_written_model_rebuilds_as_trainable_module(demo):
     loaded = load_model(demo.model_uri)
     assert loaded.arch == "small_cnn"

@@ -77,7 +77,7 @@ class LoadedModel:
             raise ModelLoadError(f"{self.uri}: a {self.format} model cannot be trained; pass --arch (see `harden list archs`)")
         for param in net.parameters():
             param.requires_grad_(True)
-        return PixelModel(net, self.mean, self.std, static_batch, self.output, sample_shape=self.sample_shape)
+        return PixelModel(net, self.mean, self.std, static_batch, self.output, sample_shape=self.sample_shape, max_batch=self.module.max_batch)
 
     def harden_metadata(self) -> dict[str, Any]:
         """What harden records in the MLmodel metadata of models it writes."""
@@ -119,6 +119,7 @@ class _Raw:
     state_dict: dict[str, torch.Tensor] | None = None
     training_ops: int = 0
     sample_shape: tuple[int, ...] | None = None
+    max_batch: int | None = None
 
 
 @dataclass
@@ -192,14 +193,15 @@ def load_model(
         raise ModelLoadError(f"--mean has {len(mean)} values but the model takes {input_spec.channels} channels")
 
     net, dtype = _in_float32(raw.net)
-    module = PixelModel(net, mean, std, raw.static_batch, sample_shape=raw.sample_shape).eval()
+    module = PixelModel(net, mean, std, raw.static_batch, sample_shape=raw.sample_shape, max_batch=raw.max_batch).eval()
     out_classes, output = _probe_outputs(module, input_spec, raw.static_batch)
     module.output = output
     if num_classes is not None and out_classes is not None and num_classes != out_classes:
         raise ModelLoadError(f"--num-classes {num_classes} but the model outputs {out_classes} classes")
     classes = num_classes or out_classes or meta.get("num_classes")
     if classes is None:
-        raise ModelLoadError(f"{uri}: cannot tell the number of classes; pass --input-size so harden can probe the model")
+        raise ModelLoadError(f"{uri}: cannot tell the number of classes: the model records no input size (no signature, example "
+                             f"or fixed image shape); pass --input-size CxHxW so harden can probe it")
     loaded = LoadedModel(
         module=module.to(torch.device(device)),
         uri=uri,
@@ -363,7 +365,16 @@ def _read_pt2(path: Path, allow_pickle: bool) -> _Raw:
     spec = InputSpec.from_shape(shape) if shape and len(shape) == 4 else None
     net = program.module()
     return _Raw(net, "pt2", spec, static_batch, state_dict=dict(program.state_dict), training_ops=_for_inference(net),
-                sample_shape=_non_image_sample_shape(shape))
+                sample_shape=_non_image_sample_shape(shape), max_batch=_batch_bound(program, shape))
+
+
+def _batch_bound(program: torch.export.ExportedProgram, shape: tuple | None) -> int | None:
+    """The upper bound of a dynamic batch dimension (`Dim("batch", max=64)`), None when unbounded or static."""
+    if not shape or not isinstance(shape[0], torch.SymInt):
+        return None
+    bounds = program.range_constraints.get(shape[0].node.expr)
+    upper = getattr(bounds, "upper", None)
+    return int(upper) if upper is not None and upper.is_finite else None
 
 
 def _non_image_sample_shape(shape: Sequence[Any] | None) -> tuple[int, ...] | None:

@@ -4,7 +4,8 @@ Triggers, masks and metrics live in pixel space ([0, 1], N×C×H×W). Models tha
 expect normalised inputs get their mean/std applied *inside* this wrapper, so a
 trigger optimised or stamped by harden never has to know about normalisation.
 It also hides two quirks of MLflow's pt2 format: `ExportedProgram.module()` refuses
-`.train()/.eval()`, and a model exported from a batch-1 example only accepts batch 1.
+`.train()/.eval()`, and a model exported from a batch-1 example only accepts batch 1 (one
+exported with a bounded dynamic batch, only batches up to its bound: both are fed in chunks).
 And it gives every model one logit per class (`OUTPUTS`): a network that ends in a softmax
 returns probabilities, whose log equals its logits up to a per-row constant, so cross-entropy,
 margins and their gradients behave as on a logit model (on probabilities taken as logits,
@@ -73,10 +74,12 @@ class PixelModel(nn.Module):
         static_batch: int | None = None,
         output: str = "logits",
         sample_shape: Sequence[int] | None = None,
+        max_batch: int | None = None,
     ):
         super().__init__()
         self.net = net
         self.static_batch = static_batch
+        self.max_batch = max_batch  # a dynamic batch's upper bound from the export (Dim("batch", max=64)); None: unbounded
         self.output = output
         # the network's own input per sample when it is not C×H×W (e.g. (784,)): images are reshaped after normalisation
         self.sample_shape = tuple(sample_shape) if sample_shape else None
@@ -102,6 +105,8 @@ class PixelModel(nn.Module):
         return self
 
     def _forward_net(self, x: torch.Tensor) -> torch.Tensor:
+        if self.static_batch is None and self.max_batch is not None and x.shape[0] > self.max_batch:
+            return torch.cat([network_logits(self.net(chunk)) for chunk in torch.split(x, self.max_batch)])
         if self.static_batch is None or x.shape[0] == self.static_batch:
             return network_logits(self.net(x))
         size = self.static_batch
