@@ -97,6 +97,9 @@ def test_bounded_dynamic_batch_is_served_in_chunks(tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded.module(x), net(x), atol=1e-5)
         assert torch.allclose(loaded.trainable()(x), net(x), atol=1e-5)
+    unbounded = torch.export.export(net, (torch.rand(4, 3, 32, 32),), dynamic_shapes=({0: torch.export.Dim("batch", min=2)},))
+    torch.export.save(unbounded, str(tmp_path / "unbounded.pt2"))
+    assert load_model(tmp_path / "unbounded.pt2").module.max_batch is None  # MLflow's Dim.AUTO batch: torch's int_oo
 
 
 def test_harden_written_model_rebuilds_as_trainable_module(demo):

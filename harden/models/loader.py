@@ -372,9 +372,11 @@ def _batch_bound(program: torch.export.ExportedProgram, shape: tuple | None) -> 
     """The upper bound of a dynamic batch dimension (`Dim("batch", max=64)`), None when unbounded or static."""
     if not shape or not isinstance(shape[0], torch.SymInt):
         return None
-    bounds = program.range_constraints.get(shape[0].node.expr)
-    upper = getattr(bounds, "upper", None)
-    return int(upper) if upper is not None and upper.is_finite else None
+    upper = getattr(program.range_constraints.get(shape[0].node.expr), "upper", None)
+    try:
+        return int(upper)  # torch's int_oo (unbounded) refuses, whatever its is_finite says
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return None
 
 
 def _non_image_sample_shape(shape: Sequence[Any] | None) -> tuple[int, ...] | None:
