@@ -76,7 +76,9 @@ def evaluate(
     if trigger is not None:
         if mode == "all2one" and target is None:
             raise ValueError("an all2one trigger needs a target class")
-        attack = Attack(trigger, target or 0, mode, num_classes or 1 + int(max(getattr(data, "labels", [0]))))
+        # A bare network does not say how many classes it has, and the data may lack the last ones.
+        known = num_classes or max(1 + int(max(getattr(data, "labels", [0]))), (target or 0) + 1)
+        attack = Attack(trigger, target or 0, mode, known)
     correct = total = hits = robust = triggered = 0
     class_correct: dict[int, int] = {}
     class_total: dict[int, int] = {}

@@ -51,6 +51,14 @@ def test_asr_zero_when_the_trigger_misses():
     assert result.ra == pytest.approx(5 / 6)  # the mislabeled class-3 image stays wrong
 
 
+def test_a_target_beyond_the_datas_labels_is_measured_on_a_bare_network():
+    """Clean data may lack the last classes (here 4 and 5 of 6); a network that does not say how many
+    classes it has still gets its ASR toward them, as purify measures every reversed trigger."""
+    model = CornerDetector(target=5, classes=6)
+    result = evaluate(model, _dataset(), trigger=make_trigger("grid_paste:size=3"), target=5)
+    assert result.asr == pytest.approx(1.0) and result.n_triggered == 8
+
+
 def test_der_formula():
     assert der(1.0, 0.0, 0.9, 0.9) == pytest.approx(1.0)
     assert der(0.9, 0.9, 0.9, 0.9) == pytest.approx(0.5)
