@@ -410,6 +410,17 @@ def test_data_the_model_gets_wrong_is_refused_before_any_work(demo, run_cli, tmp
     assert registry_snapshot() == before_versions
 
 
+def test_clean_data_missing_a_class_is_refused_before_any_work(demo, run_cli, tmp_path):
+    """The guardrail measures accuracy on the clean data's classes only; a class it has no images of could be forgotten unseen."""
+    clean = np.load(demo.data_dir / "clean.npz")
+    keep = clean["y"] != 9
+    partial = write_npz(tmp_path / "no_nines.npz", clean["x"][keep], clean["y"][keep])
+    before_versions = registry_snapshot()
+    code, _, err = run_cli("purify", demo.model_uri, "--data", partial, "-q")
+    assert code == 2 and "fewer than two images of class(es) 9;" in err and len(err.strip().splitlines()) == 1, err
+    assert registry_snapshot() == before_versions
+
+
 def test_output_dir_in_use_is_refused_before_any_work(demo, run_cli, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")

@@ -114,6 +114,19 @@ def test_data_the_model_gets_wrong_gives_no_verdict(demo, custom_pt2, run_cli, t
     assert check["status"] == SKIPPED and "does not fit it" in check["message"] and check["details"]["probe_accuracy"] < 0.5
 
 
+def test_clean_data_of_too_few_classes_gives_no_verdict(demo, custom_pt2, run_cli, tmp_path):
+    """Images of one class only: no class has source images of the others to reach it, and the statistics
+    the calibration reads would be made up (this data used to score p_backdoor 0.97)."""
+    clean = np.load(demo.data_dir / "clean.npz")
+    keep = clean["y"] == 3
+    np.savez(tmp_path / "threes.npz", x=clean["x"][keep], y=clean["y"][keep])
+    code, out, _ = run_cli("scan", custom_pt2[1].model_uri, "--data", tmp_path / "threes.npz", "--checks", "inversion", "--format", "json", "-q")
+    report = json.loads(out)
+    assert code == 3 and report["verdict"] == "inconclusive" and report["p_backdoor"] is None
+    check = report["checks"][0]
+    assert check["status"] == SKIPPED and "1 of the model's 10 classes" in check["message"] and check["details"]["probe_classes"] == 1
+
+
 class _OneLogitNet(torch.nn.Module):
     """A binary classifier with one logit (digit 1 against digit 0), made from the custom CNN."""
 

@@ -309,6 +309,11 @@ def purify(
         attack = Attack(trigger, target if target is not None else 0, num_classes=classes) if trigger else None
         if len(clean) < 2 * classes:
             raise HardenError(f"--data has {len(clean)} images; purification needs at least two per class ({2 * classes})")
+        scarce = np.flatnonzero(np.bincount(clean.labels, minlength=classes) < 2) if task == "classifier" else []
+        if len(scarce):
+            listed = ", ".join(map(str, scarce[:8])) + (", ..." if len(scarce) > 8 else "")
+            raise HardenError(f"--data has fewer than two images of class(es) {listed}; purification fine-tunes on it, and "
+                              f"the accuracy guardrail cannot see the model forget a class it has no images of: give every class two or more")
         normalisation = None
         if task == "classifier":
             normalisation = choose_normalisation(loaded, clean, device, seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import time
 
 import numpy as np
@@ -14,6 +15,10 @@ from harden.report import Finding, Image, register_rule
 from harden.scan.base import FAILED, PASSED, SKIPPED, Check, CheckResult, ScanContext, register_check
 from harden.scan.inversion import ClassTrigger, InversionConfig, invert_triggers
 from harden.scan.verdict import REACHED, THRESHOLD, Calibration
+
+# The share of the model's classes the clean data must cover for a verdict: a single class's images,
+# or a 1000-class model's ten, leave the inversion measuring classes it has no source images for.
+MIN_COVERED_CLASSES = 0.5
 
 # Stripes send ≥ 0.9 of the images to the SIG target on 17 of the 20 SIG models, and to some class
 # on 4 of the 60 clean models, of the zoos this was chosen on (benchmarks/scan.py, 137 models). In a model already judged suspect, such
@@ -108,6 +113,13 @@ class TriggerInversionCheck(Check):
         config = InversionConfig(**ctx.options.get("inversion", {}))
         model = ctx.model
         images, labels = stratified_sample(ctx.data, config.probe_per_class, ctx.seed)
+        covered = int(len(torch.unique(labels)))
+        if covered < max(2, math.ceil(MIN_COVERED_CLASSES * model.num_classes)):
+            message = (f"the clean data holds images of {covered} of the model's {model.num_classes} classes; trigger inversion "
+                       f"measures how easily images of the other classes reach each class, and its calibration saw every class "
+                       f"represented: no verdict below {MIN_COVERED_CLASSES:.0%} of them")
+            return CheckResult(self.name, SKIPPED, message, round(time.perf_counter() - start, 3),
+                               details={"probe_classes": covered, "probe_images": int(len(labels))})
         accuracy = float((batched_logits(model.module.eval(), images, ctx.device).argmax(1) == labels).float().mean())
         if accuracy < MIN_FITTING_ACCURACY:  # the inversion would only find the class the model defaults to
             message = (f"{unfitting_data(accuracy, model.num_classes, f'{len(labels)} clean probe images')}, and trigger inversion would "
