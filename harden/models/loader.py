@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import copy
 import inspect
+import io
 import itertools
+import json
 import math
 import re
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,7 +351,8 @@ def _read_pt2(path: Path, allow_pickle: bool) -> _Raw:
         raise ModelLoadError(f"{path}: not a readable torch.export (.pt2) archive (not a zip file)")
     _require_plain_pt2(path, allow_pickle)
     try:
-        program = torch.export.load(str(path))
+        with tempfile.TemporaryDirectory(prefix="harden-pt2-") as scratch:
+            program = torch.export.load(str(_devices_this_machine_has(path, Path(scratch))))
     except Exception as exc:  # noqa: BLE001 - corrupt archives raise many types
         raise ModelLoadError(f"{path}: not a readable torch.export (.pt2) archive: {_one_line(exc)}") from None
     user_inputs = set(program.graph_signature.user_inputs)
@@ -366,6 +370,47 @@ def _read_pt2(path: Path, allow_pickle: bool) -> _Raw:
     net = program.module()
     return _Raw(net, "pt2", spec, static_batch, state_dict=dict(program.state_dict), training_ops=_for_inference(net),
                 sample_shape=_non_image_sample_shape(shape), max_batch=_batch_bound(program, shape))
+
+
+def _devices_this_machine_has(path: Path, scratch: Path) -> Path:
+    """`path`, or, for an archive exported on a GPU read on a machine without CUDA, a copy in `scratch`
+    whose tensors and operators are placed on the CPU.
+
+    `torch.export.load` has no `map_location`: it puts every weight back on the device it was exported
+    from, and fails without an NVIDIA driver. A model logged on a training GPU and scanned by a CPU CI
+    runner is the common case. The archive's graph and weight configs are JSON; their device records
+    ({"type": "cuda", "index": 0}) are rewritten to the CPU, the sample inputs re-saved from the CPU
+    (`_require_plain_pt2` has checked they are tensors), and the weight data copied unchanged.
+    """
+    if torch.cuda.is_available():
+        return path
+    with zipfile.ZipFile(path) as archive:
+        configs = [n for n in archive.namelist() if n.endswith(".json") and b'"cuda"' in archive.read(n)]
+        if not configs:
+            return path
+        copy_path = scratch / path.name
+        with zipfile.ZipFile(copy_path, "w") as target:
+            for info in archive.infolist():
+                data = archive.read(info)
+                if info.filename in configs:
+                    data = json.dumps(_on_cpu(json.loads(data))).encode()
+                elif "/data/sample_inputs/" in info.filename:  # torch.save'd on the GPU too
+                    buffer = io.BytesIO()
+                    torch.save(torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"), buffer)
+                    data = buffer.getvalue()
+                target.writestr(info, data)
+    return copy_path
+
+
+def _on_cpu(node: Any) -> Any:
+    """A JSON tree with every device record ({"type": ..., "index": ...}) on the CPU."""
+    if isinstance(node, dict):
+        if node.get("type") in ("cuda", "mps", "xpu") and set(node) <= {"type", "index"}:
+            return {"type": "cpu", "index": None}
+        return {key: _on_cpu(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_on_cpu(value) for value in node]
+    return node
 
 
 def _batch_bound(program: torch.export.ExportedProgram, shape: tuple | None) -> int | None:
