@@ -50,6 +50,9 @@ def test_npz_from_other_code_common_names_and_one_hot_labels(tmp_path):
     np.savez(tmp_path / "soft.npz", x=x, y=np.full((6, 3), 1 / 3))
     with pytest.raises(DataError, match="not one-hot"):
         load_data(str(tmp_path / "soft.npz"), SPEC)
+    np.savez(tmp_path / "names.npz", x=x, y=np.array(["cat", "dog", "ant", "cat", "dog", "ant"]))
+    with pytest.raises(DataError, match=r"labels are strings \(cat, dog, ant, ...\); harden needs the model's class indices"):
+        load_data(str(tmp_path / "names.npz"), SPEC)
 
 
 def test_uncompressed_npz_is_memory_mapped_not_loaded(tmp_path):
@@ -93,7 +96,7 @@ def test_imagefolder_named_and_numeric_classes(tmp_path):
     data = load_data(str(tmp_path / "named"), SPEC)
     assert data.classes == ["ant", "cat"] and data.labels.tolist() == [0, 1]
     assert data[0][0].shape == (3, 16, 16)  # folders are resized to the model's input
-    with pytest.raises(DataError, match=r"2 class folders \(ant, cat\) for a model of 3 classes; .* name them by class index \(0..2\)"):
+    with pytest.raises(DataError, match=r"2 named classes \(ant, cat\) for a model of 3 classes; .* label them by class index \(0..2\)"):
         load_data(str(tmp_path / "named"), SPEC, num_classes=3)  # which of the 3 classes is "ant" is unknowable
 
     for name in ("7", "2"):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from harden.data.sources import ImageFolderSource, ImageSource, open_source
+from harden.data.sources import ImageSource, open_source
 from harden.errors import DataError
 from harden.models.spec import InputSpec
 
@@ -131,10 +131,10 @@ def load_data(spec: str, input_spec: InputSpec | None, *, num_classes: int | Non
         raise DataError(f"{spec}: contains no images")
     dataset = FittedDataset(source, input_spec, resize=resize)
     _check_range(dataset)
-    if num_classes is not None and isinstance(source, ImageFolderSource) and source.classes is not None and len(source.classes) != num_classes:
+    if num_classes is not None and source.sorted_names and len(source.classes) != num_classes:
         shown = ", ".join(source.classes[:5]) + (", ..." if len(source.classes) > 5 else "")
-        raise DataError(f"{spec}: {len(source.classes)} class folders ({shown}) for a model of {num_classes} classes; named folders "
-                        f"are labelled in sorted order, which is the model's only when every class has one: name them by "
+        raise DataError(f"{spec}: {len(source.classes)} named classes ({shown}) for a model of {num_classes} classes; names "
+                        f"are numbered in sorted order, which is the model's only when every class has one: label them by "
                         f"class index (0..{num_classes - 1})")
     if num_classes is not None:
         bad = dataset.labels[(dataset.labels < 0) | (dataset.labels >= num_classes)]

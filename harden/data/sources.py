@@ -32,6 +32,9 @@ class ImageSource:
     native_shape: tuple[int, int, int] | None = None
     # Whether fitting to another size is the normal thing to do for this source.
     resizable: bool = False
+    # Labels are positions of class names in sorted order (named folders): the model's
+    # own order only when every one of its classes is named.
+    sorted_names: bool = False
 
     def __len__(self) -> int:
         return int(len(self.labels))
@@ -97,6 +100,9 @@ def _npz_member(path: Path, key: str) -> np.ndarray:
 def _class_indices(path: Path, y: np.ndarray, count: int) -> np.ndarray:
     """(N,) labels as given, or the class index of each (N, classes) one-hot row."""
     y = np.asarray(y)
+    if y.dtype.kind in "US":
+        raise DataError(f"{path}: labels are strings ({', '.join(map(str, y.reshape(-1)[:3]))}, ...); "
+                        f"harden needs the model's class indices (0, 1, ...), and a name's index is the model's to say")
     if y.ndim == 2 and y.shape[0] == count and y.shape[1] > 1:
         if not (np.all((y == 0) | (y == 1)) and np.all(y.sum(axis=1) == 1)):
             raise DataError(f"{path}: labels have shape {y.shape} but are not one-hot rows; give one integer label per image")
@@ -164,7 +170,7 @@ class ImageFolderSource(ImageSource):
         self._files = files
         names = [d.name for d in ordered]
         classes = None if numeric else names
-        super().__init__(root.name, np.asarray(labels, dtype=np.int64), classes, None, resizable=True)
+        super().__init__(root.name, np.asarray(labels, dtype=np.int64), classes, None, resizable=True, sorted_names=classes is not None)
 
     def image(self, index: int) -> torch.Tensor:
         from PIL import Image, UnidentifiedImageError
