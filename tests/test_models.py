@@ -273,6 +273,17 @@ def test_a_model_of_integer_inputs_is_a_clear_error(tmp_path):
         load_model(path)
 
 
+class _ScaledNet(torch.nn.Module):
+    def forward(self, x, scale):
+        return x.flatten(1)[:, :3] * scale
+
+
+def test_a_model_of_two_inputs_is_a_clear_error(tmp_path):
+    torch.export.save(torch.export.export(_ScaledNet(), (torch.rand(2, 3, 4, 4), torch.rand(2, 1))), str(tmp_path / "two.pt2"))
+    with pytest.raises(ModelLoadError, match=r"takes 2 inputs \(x, scale\); harden feeds it one batch of images"):
+        load_model(tmp_path / "two.pt2")
+
+
 class _MoreThanLogitsNet(CustomNet):
     """Returns its logits wrapped, as much training code does: with features, in a dict, or as a
     fully convolutional head's (batch, classes, 1, 1)."""

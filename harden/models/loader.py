@@ -356,6 +356,9 @@ def _read_pt2(path: Path, allow_pickle: bool) -> _Raw:
     except Exception as exc:  # noqa: BLE001 - corrupt archives raise many types
         raise ModelLoadError(f"{path}: not a readable torch.export (.pt2) archive: {_one_line(exc)}") from None
     user_inputs = set(program.graph_signature.user_inputs)
+    if len(user_inputs) != 1:
+        raise ModelLoadError(f"{path}: the model takes {len(user_inputs)} inputs ({', '.join(program.graph_signature.user_inputs)}); "
+                             f"harden feeds it one batch of images: log a model whose forward takes only the image tensor")
     shape = None
     for node in program.graph.nodes:
         if node.op == "placeholder" and node.name in user_inputs and "val" in node.meta:
