@@ -145,7 +145,8 @@ def command_run(command: str, source_uri: str | None, params: Mapping[str, Any] 
         try:
             yield run
         except BaseException as exc:  # the FAILED run says why, not only which params it had
-            mlflow.set_tag("harden.error", _first_line(exc)[:500] or type(exc).__name__)
+            with contextlib.suppress(MlflowException):  # a tracking server gone away must not hide the error
+                mlflow.set_tag("harden.error", _first_line(exc)[:500] or type(exc).__name__)
             raise
 
 
