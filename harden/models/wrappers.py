@@ -105,14 +105,14 @@ class PixelModel(nn.Module):
         return self
 
     def _forward_net(self, x: torch.Tensor) -> torch.Tensor:
-        if self.static_batch is None and self.max_batch is not None and x.shape[0] > self.max_batch:
-            return torch.cat([network_logits(self.net(chunk)) for chunk in torch.split(x, self.max_batch)])
-        if self.static_batch is None or x.shape[0] == self.static_batch:
+        """One pass when the export takes this batch; else chunks of its fixed batch (the last one
+        padded with copies of its first image) or of its bounded dynamic batch."""
+        size = self.static_batch or self.max_batch
+        if size is None or (x.shape[0] == size if self.static_batch else x.shape[0] <= size):
             return network_logits(self.net(x))
-        size = self.static_batch
         outputs = []
         for chunk in torch.split(x, size):
-            pad = size - chunk.shape[0]
+            pad = size - chunk.shape[0] if self.static_batch else 0
             if pad:
                 chunk = torch.cat([chunk, chunk[:1].expand(pad, *chunk.shape[1:])])
             outputs.append(network_logits(self.net(chunk))[: size - pad])
