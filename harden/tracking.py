@@ -316,17 +316,17 @@ def log_onnx_model(
     )
 
 
-def download(uri: str) -> tuple[Path, tempfile.TemporaryDirectory]:
-    """Download a model's files (nothing is executed) into a temporary directory."""
+def download(uri: str, what: str = "model") -> tuple[Path, tempfile.TemporaryDirectory]:
+    """Download a model's (or data's) files into a temporary directory; nothing is executed."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    tmp = tempfile.TemporaryDirectory(prefix="harden-model-")
+    tmp = tempfile.TemporaryDirectory(prefix=f"harden-{what}-")
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp.name)
     except MlflowException as exc:
         tmp.cleanup()
-        raise TrackingError(f"model {uri} not found: {_first_line(exc)}") from None
+        raise TrackingError(f"{what} {uri} not found: {_first_line(exc)}") from None
     except OSError as exc:
         tmp.cleanup()
         raise TrackingError(f"cannot download {uri}: {_first_line(exc)}") from None

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from harden.data import load_data, open_source, split
-from harden.errors import DataError
+from harden.data.sources import is_artifact_uri
+from harden.errors import DataError, HardenError
 from harden.models import InputSpec
 
 SPEC = InputSpec(3, 16, 16)
@@ -115,6 +118,53 @@ def test_empty_folder_and_missing_data(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match="unsupported data file"):
         load_data(str(tmp_path / "notes.txt"), SPEC)
+
+
+def test_data_kept_as_an_mlflow_artifact(mlflow_home, tmp_path):
+    """`--data runs:/…` (any artifact URI): what a registry hook or a Ray worker without the
+    user's disk reads; downloaded to a directory that lives as long as the source."""
+    import gc
+
+    import mlflow
+
+    x, y = _images(8), np.arange(8) % 4
+    np.savez(tmp_path / "clean.npz", x=x, y=y)
+    folder = tmp_path / "folder"
+    for label in (0, 3):
+        (folder / str(label)).mkdir(parents=True)
+        Image.fromarray(_images(1, seed=label)[0]).save(folder / str(label) / "a.png")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(tmp_path / "clean.npz"), artifact_path="eval")
+        mlflow.log_artifact(str(tmp_path / "bad.npz"), artifact_path="eval")
+        mlflow.log_artifacts(str(folder), artifact_path="eval/folder")
+    base = f"runs:/{run.info.run_id}/eval"
+
+    data = load_data(f"{base}/clean.npz", SPEC)
+    assert data.labels.tolist() == y.tolist()
+    assert torch.equal(data[5][0], load_data(str(tmp_path / "clean.npz"), SPEC)[5][0])
+    folder_data = load_data(f"{base}/folder", SPEC)
+    assert sorted(folder_data.labels.tolist()) == [0, 3]
+
+    downloaded = Path(data.source.download.name)
+    assert downloaded.is_dir()
+    del data
+    gc.collect()
+    assert not downloaded.exists()  # the temporary copy goes with the source
+
+    with pytest.raises(HardenError, match=r"^data runs:/.*/eval/missing.npz not found"):
+        load_data(f"{base}/missing.npz", SPEC)
+    with pytest.raises(DataError, match=rf"^{base}/bad.npz: not a readable .npz file"):
+        load_data(f"{base}/bad.npz", SPEC)  # the message names the URI, not the temporary directory
+
+
+@pytest.mark.parametrize("spec, uri", [
+    ("runs:/abc/eval/clean.npz", True), ("mlflow-artifacts:/1/abc/artifacts/x.npz", True), ("s3://bucket/x.npz", True),
+    ("file:///data/x.npz", True), ("digits", False), ("torchvision:CIFAR10:/data/cifar", False), ("/data/x.npz", False),
+    ("data/x.npz", False), ("C:/data/x.npz", False),
+])
+def test_artifact_uris_are_told_from_paths_and_built_in_sources(spec, uri):
+    assert is_artifact_uri(spec) is uri
 
 
 def test_digits_render_to_any_input():

@@ -13,7 +13,7 @@ from harden.scan.base import CHECKS
 
 @click.command("scan-registry")
 @click.option("--filter", "filter_string", default=None, help="MLflow search_model_versions filter, e.g. \"name LIKE 'fraud-%'\".")
-@click.option("--data", default=None, help="Clean data for the scans (a path every worker can read).")
+@click.option("--data", default=None, help="Clean data for the scans: a path every worker can read, or an MLflow artifact URI (runs:/ID/clean.npz).")
 @click.option("--checks", default=None, help=f"Comma-separated checks (default: all; known: {', '.join(CHECKS)}).")
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Cap on inversion steps per class.")
 @click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True)

@@ -112,7 +112,7 @@ def data_options(func: Callable[..., Any] | None = None, *, required: bool = Tru
     # click 8.3+ treats an explicit default=None as a value, which would defeat required=True.
     extra = {"default": default, "show_default": True} if default is not None else {}
     return click.option("--data", "data", required=required and default is None, **extra,
-                        help="ImageFolder dir, .npz (x, y), torchvision:NAME:/root[:train|test], or digits.")(func)
+                        help="ImageFolder dir, .npz (x, y), torchvision:NAME:/root[:train|test], digits, or an MLflow artifact URI (runs:/ID/clean.npz).")(func)
 
 
 def report_options(func: Callable[..., Any] | None = None, *, flag: str = "--output") -> Callable[..., Any]:

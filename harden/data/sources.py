@@ -7,11 +7,12 @@ are found through one small registry (by scheme, by file suffix, or directory).
 
 from __future__ import annotations
 
+import re
 import struct
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -35,6 +36,8 @@ class ImageSource:
     # Labels are positions of class names in sorted order (named folders): the model's
     # own order only when every one of its classes is named.
     sorted_names: bool = False
+    # What keeps a downloaded source's files on disk (a TemporaryDirectory), when it was downloaded.
+    download: Any = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(len(self.labels))
@@ -230,6 +233,13 @@ _SCHEMES: dict[str, Callable[[str], ImageSource]] = {
     "torchvision": TorchvisionSource,
 }
 _SUFFIXES: dict[str, Callable[[Path], ImageSource]] = {".npz": NpzSource}
+_ARTIFACT_URI = re.compile(r"^[a-zA-Z][\w+.-]+:/")  # a scheme of two letters or more: `C:/` is a path
+
+
+def is_artifact_uri(spec: str) -> bool:
+    """`runs:/…`, `mlflow-artifacts:/…`, `s3://…` and other URIs MLflow downloads (not `digits`, not a local path)."""
+    spec = str(spec).strip()
+    return spec.split(":", 1)[0] not in _SCHEMES and bool(_ARTIFACT_URI.match(spec))
 
 
 def open_source(spec: str) -> ImageSource:
@@ -238,7 +248,31 @@ def open_source(spec: str) -> ImageSource:
     scheme = spec.split(":", 1)[0]
     if scheme in _SCHEMES:
         return _SCHEMES[scheme](spec)
-    path = Path(spec).expanduser()
+    if is_artifact_uri(spec):
+        return _download_source(spec)
+    return _open_path(Path(spec).expanduser(), spec)
+
+
+def _download_source(uri: str) -> ImageSource:
+    """Data kept as an MLflow artifact (or in object storage): downloaded to a temporary directory
+    that lives as long as the source, since images are read lazily from it."""
+    from harden import tracking
+
+    if uri.startswith("file://"):
+        return _open_path(Path(uri[len("file://"):]), uri)
+    if uri.startswith(("runs:/", "models:/")):
+        tracking.require_store(f"resolve {uri}")
+    path, tmp = tracking.download(uri, what="data")
+    try:
+        source = _open_path(path, uri)
+    except DataError as exc:  # name the URI the user gave, not the temporary directory
+        tmp.cleanup()
+        raise DataError(str(exc).replace(str(path), uri)) from None
+    source.download = tmp
+    return source
+
+
+def _open_path(path: Path, spec: str) -> ImageSource:
     if not path.exists():
         raise DataError(f"data not found: {spec}")
     if path.is_dir():
