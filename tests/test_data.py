@@ -109,6 +109,24 @@ def test_imagefolder_named_and_numeric_classes(tmp_path):
     assert sorted(data.labels.tolist()) == [2, 7]
 
 
+def test_imagefolder_keeps_16_bit_and_float_pixels(tmp_path):
+    """Scientific and medical images come as 16-bit or float greys; PIL's 8-bit conversion
+    would turn a 16-bit ramp white and a float one black."""
+    ramp = np.linspace(0, 1, 64).reshape(8, 8)
+    for label, (name, array) in enumerate([("a.png", (ramp * 65535).astype(np.uint16)), ("b.tif", ramp.astype(np.float32)),
+                                           ("c.tif", (ramp * 65535).astype(np.uint16)), ("d.png", (ramp * 255).astype(np.uint8))]):
+        (tmp_path / "ok" / str(label)).mkdir(parents=True)
+        Image.fromarray(array).save(tmp_path / "ok" / str(label) / name)
+    data = load_data(str(tmp_path / "ok"), InputSpec(1, 8, 8))
+    for index in range(4):
+        image = data[index][0][0].numpy()
+        np.testing.assert_allclose(image, ramp, atol=1 / 255 if index == 3 else 1e-4)
+    (tmp_path / "wide" / "0").mkdir(parents=True)
+    Image.fromarray((ramp * 1e6).astype(np.int32)).save(tmp_path / "wide" / "0" / "a.tif")
+    with pytest.raises(DataError, match="harden reads 8- and 16-bit images"):
+        load_data(str(tmp_path / "wide"), InputSpec(1, 8, 8))
+
+
 def test_empty_folder_and_missing_data(tmp_path):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(DataError, match="no images found"):

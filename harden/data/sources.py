@@ -181,11 +181,32 @@ class ImageFolderSource(ImageSource):
         path = self._files[index]
         try:
             with Image.open(path) as img:
-                img = img.convert("L") if img.mode in ("1", "L", "I", "I;16", "F") else img.convert("RGB")
-                array = np.asarray(img, dtype=np.float32) / 255.0
+                array = _unit_pixels(img, path)
         except (OSError, UnidentifiedImageError) as exc:
             raise DataError(f"cannot read image {path}: {exc}") from None
         return torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
+
+
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # PIL opens 16-bit PNG/TIFF/PGM greys as these
+
+
+def _unit_pixels(img, path: Path) -> np.ndarray:
+    """An image's pixels as floats in [0, 1], H×W (grey) or H×W×3, at the file's own depth:
+    PIL's convert("L") clips 16-bit greys at 255 (all white) and truncates float pixels to 0."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        array = np.asarray(img, dtype=np.float64)
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise DataError(f"cannot read image {path}: pixel values span [{array.min():.0f}, {array.max():.0f}]; "
+                            f"harden reads 8- and 16-bit images")
+        return (array / 65535.0).astype(np.float32)
+    if img.mode == "F":
+        array = np.asarray(img, dtype=np.float32)
+        if array.size and (array.min() < -1e-3 or array.max() > 1 + 1e-3):
+            raise DataError(f"cannot read image {path}: float pixel values span [{array.min():.3g}, {array.max():.3g}]; "
+                            f"harden expects floats in [0, 1]")
+        return array.clip(0, 1)
+    img = img.convert("L") if img.mode in ("1", "L", "LA") else img.convert("RGB")
+    return np.asarray(img, dtype=np.float32) / 255.0
 
 
 class TorchvisionSource(ImageSource):
