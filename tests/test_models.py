@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -10,6 +11,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from harden.data import TensorDataset, load_data
 from harden.errors import ModelLoadError, UnsafeModelError
@@ -374,11 +376,29 @@ def test_a_model_exported_in_training_mode_runs_for_inference(tmp_path):
     assert load_model(save_pt2(net, torch.rand(4, 3, 16, 16), tmp_path / "eval_mode.pt2")).training_ops == 0
 
 
-def test_a_channels_last_model_is_a_clear_error_not_a_misread_input(tmp_path):
-    example = torch.rand(4, 32, 32, 3)
-    save_pt2(_ChannelsLastNet().eval(), example, tmp_path / "nhwc.pt2")
-    with pytest.raises(ModelLoadError, match=r"\(batch, 32, 32, 3\), which looks channels-last"):
-        load_model(tmp_path / "nhwc.pt2")
+def test_a_channels_last_model_gets_permuted_images_and_is_published_as_it_was(tmp_path, mlflow_home):
+    """A network of (batch, 32, 32, 3) images (ported from Keras, or fed HWC arrays): harden reads the
+    3x32x32 image, permutes its images to the network's layout, and publishes the network with its own input."""
+    torch.manual_seed(0)
+    net = _ChannelsLastNet().eval()
+    path = save_pt2(net, torch.rand(4, 32, 32, 3), tmp_path / "nhwc.pt2")
+    loaded = load_model(path)
+    assert loaded.input_spec == InputSpec(3, 32, 32) and loaded.describe().endswith("input 3x32x32 as 32x32x3 (channels-last))")
+    images = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(images), net(images.permute(0, 2, 3, 1)), atol=1e-5)
+        assert torch.allclose(loaded.trainable()(images), net(images.permute(0, 2, 3, 1)), atol=1e-5)
+    literal = load_model(path, input_size="32x32x3")  # the user's word keeps the channels-first reading
+    assert literal.input_spec == InputSpec(32, 32, 3) and not literal.channels_last
+    assert load_model(path, input_size="3x32x32").channels_last
+    with tracking.command_run("purify", str(path)):
+        published = publish(loaded.trainable().net, loaded, tags={}, output=tmp_path / "out")
+    signature = yaml.safe_load((tmp_path / "out" / "MLmodel").read_text())["signature"]["inputs"]
+    assert json.loads(signature)[0]["tensor-spec"]["shape"] == [-1, 32, 32, 3]
+    again = load_model(published.local_path)
+    assert again.channels_last and again.input_spec == InputSpec(3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(again.module(images), loaded.module(images), atol=1e-5)
 
 
 def test_mean_std_are_applied_inside_the_wrapper(tmp_path):

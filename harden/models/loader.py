@@ -56,6 +56,7 @@ class LoadedModel:
     dtype: torch.dtype = torch.float32  # the weights' dtype as logged; `module` computes in float32
     training_ops: int = 0  # dropout/BatchNorm operators a pt2 graph had captured in training mode, now run for inference
     sample_shape: tuple[int, ...] | None = None  # the network's input per sample when not C×H×W; `input_spec` is the image reshaped to it
+    channels_last: bool = False  # the network takes H×W×C: `input_spec` is the image permuted to `sample_shape`
     class_names: list[str] | None = None
     registered: RegisteredVersion | None = None
     local_path: Path | None = None
@@ -80,7 +81,8 @@ class LoadedModel:
             raise ModelLoadError(f"{self.uri}: a {self.format} model cannot be trained; pass --arch (see `harden list archs`)")
         for param in net.parameters():
             param.requires_grad_(True)
-        return PixelModel(net, self.mean, self.std, static_batch, self.output, sample_shape=self.sample_shape, max_batch=self.module.max_batch)
+        return PixelModel(net, self.mean, self.std, static_batch, self.output, sample_shape=self.sample_shape, max_batch=self.module.max_batch,
+                          channels_last=self.channels_last)
 
     def harden_metadata(self) -> dict[str, Any]:
         """What harden records in the MLmodel metadata of models it writes."""
@@ -99,7 +101,8 @@ class LoadedModel:
         arch = self.arch or "unknown architecture"
         precision = "" if self.dtype == torch.float32 else f", {str(self.dtype).removeprefix('torch.')} weights run in float32"
         mode = f", exported in training mode: {self.training_ops} dropout/BatchNorm ops run for inference" if self.training_ops else ""
-        reshaped = f" as {'x'.join(map(str, self.sample_shape))}" if self.sample_shape else ""
+        layout = " (channels-last)" if self.channels_last else ""
+        reshaped = f" as {'x'.join(map(str, self.sample_shape))}{layout}" if self.sample_shape else ""
         return f"{self.uri} ({self.format}, {arch}, {self.num_classes} classes, input {self.input_spec or '?'}{reshaped}{precision}{mode})"
 
     @property
@@ -180,14 +183,13 @@ def load_model(
     meta = raw.metadata
     arch = arch or meta.get("arch")
     arch_kwargs = dict(meta.get("arch_kwargs") or {})
-    input_spec = spec or (InputSpec.from_shape(meta["input_shape"]) if meta.get("input_shape") else None) or raw.input_spec
-    if raw.sample_shape:
-        input_spec = _image_of_sample_shape(raw.sample_shape, input_spec, uri)
-    if spec is None and input_spec is not None and input_spec.channels > 4 and input_spec.width in (1, 3, 4):
-        c, h, w = input_spec.shape
-        raise ModelLoadError(f"{uri}: the model takes (batch, {c}, {h}, {w}), which looks channels-last (batch, height, width, channels); "
-                             f"harden feeds (batch, channels, height, width) images: log a model whose forward takes that layout "
-                             f"(e.g. one that calls yours on x.permute(0, 2, 3, 1)), or pass --input-size CxHxW if this reading is wrong")
+    declared = spec or (InputSpec.from_shape(meta["input_shape"]) if meta.get("input_shape") else None)
+    input_spec, sample_shape, channels_last = declared or raw.input_spec, raw.sample_shape, False
+    if sample_shape:
+        input_spec = _image_of_sample_shape(sample_shape, input_spec, uri)
+    elif raw.input_spec is not None and _takes_channels_last(raw.input_spec, declared):
+        h, w, c = sample_shape = raw.input_spec.shape
+        input_spec, channels_last = InputSpec(c, h, w), True
     mean = tuple(mean) if mean else (tuple(meta["mean"]) if meta.get("mean") else None)
     std = tuple(std) if std else (tuple(meta["std"]) if meta.get("std") else None)
     if (mean is None) != (std is None):
@@ -196,7 +198,7 @@ def load_model(
         raise ModelLoadError(f"--mean has {len(mean)} values but the model takes {input_spec.channels} channels")
 
     net, dtype = _in_float32(raw.net)
-    module = PixelModel(net, mean, std, raw.static_batch, sample_shape=raw.sample_shape, max_batch=raw.max_batch).eval()
+    module = PixelModel(net, mean, std, raw.static_batch, sample_shape=sample_shape, max_batch=raw.max_batch, channels_last=channels_last).eval()
     out_classes, output = _probe_outputs(module, input_spec, raw.static_batch)
     module.output = output
     if num_classes is not None and out_classes is not None and num_classes != out_classes:
@@ -218,7 +220,8 @@ def load_model(
         output=output,
         dtype=dtype,
         training_ops=raw.training_ops,
-        sample_shape=raw.sample_shape,
+        sample_shape=sample_shape,
+        channels_last=channels_last,
         class_names=meta.get("class_names"),
         registered=registered,
         local_path=path,
@@ -226,6 +229,17 @@ def load_model(
         _tmp=tmp,
     )
     return loaded
+
+
+def _takes_channels_last(taken: InputSpec, declared: InputSpec | None) -> bool:
+    """Whether a network whose 4-D input reads as `taken` (C×H×W) takes (batch, H, W, C) images:
+    the declared image (`--input-size`, harden's metadata) is `taken` with its last dimension
+    first; with none declared, `taken` has more than 4 "channels" and a width of 1, 3 or 4,
+    e.g. (batch, 32, 32, 3). `--input-size` equal to `taken` keeps the channels-first reading."""
+    first, second, last = taken.shape
+    if declared is not None:
+        return declared.shape == (last, first, second) and declared.shape != taken.shape
+    return first > 4 and last in (1, 3, 4)
 
 
 def _image_of_sample_shape(sample_shape: tuple[int, ...], given: InputSpec | None, uri: str) -> InputSpec:

@@ -75,6 +75,7 @@ class PixelModel(nn.Module):
         output: str = "logits",
         sample_shape: Sequence[int] | None = None,
         max_batch: int | None = None,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.net = net
@@ -83,6 +84,7 @@ class PixelModel(nn.Module):
         self.output = output
         # the network's own input per sample when it is not C×H×W (e.g. (784,)): images are reshaped after normalisation
         self.sample_shape = tuple(sample_shape) if sample_shape else None
+        self.channels_last = channels_last  # the network takes (batch, H, W, C): images are permuted, not reshaped
         if (mean is None) != (std is None):
             raise ValueError("mean and std go together")
         self.normalize = False
@@ -121,5 +123,10 @@ class PixelModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize:
             x = (x - self.mean) / self.std
-        out = self._forward_net(x.reshape(len(x), *self.sample_shape) if self.sample_shape else x)
-        return OUTPUTS[self.output](out)
+        return OUTPUTS[self.output](self._forward_net(self._network_input(x)))
+
+    def _network_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, C, H, W) images in the network's own layout."""
+        if self.channels_last:
+            return x.permute(0, 2, 3, 1).contiguous()
+        return x.reshape(len(x), *self.sample_shape) if self.sample_shape else x
