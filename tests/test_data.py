@@ -68,8 +68,22 @@ def test_uncompressed_npz_is_memory_mapped_not_loaded(tmp_path):
 
 def test_float_npz_outside_unit_range_is_rejected(tmp_path):
     np.savez(tmp_path / "d.npz", x=_images().astype(np.float32), y=np.zeros(6, int))
-    with pytest.raises(DataError, match=r"expects uint8 or floats in \[0, 1\]"):
+    with pytest.raises(DataError, match=r"expects 0..255 integers, 16-bit integers or floats in \[0, 1\]"):
         load_data(str(tmp_path / "d.npz"), SPEC)
+
+
+def test_integer_npz_of_other_widths(tmp_path):
+    """int64 pixels (arithmetic on uint8 promotes) read as 0..255, uint16 as 16-bit; wider values are an error."""
+    images = _images()
+    np.savez(tmp_path / "u8.npz", x=images, y=np.zeros(6, int))
+    np.savez(tmp_path / "i64.npz", x=images.astype(np.int64), y=np.zeros(6, int))
+    np.savez(tmp_path / "u16.npz", x=images.astype(np.uint16) * 257, y=np.zeros(6, int))
+    expected = load_data(str(tmp_path / "u8.npz"), SPEC)[3][0]
+    assert torch.equal(load_data(str(tmp_path / "i64.npz"), SPEC)[3][0], expected)
+    assert torch.allclose(load_data(str(tmp_path / "u16.npz"), SPEC)[3][0], expected, atol=1e-6)
+    np.savez(tmp_path / "i16.npz", x=images.astype(np.int16) * 16, y=np.zeros(6, int))  # 12-bit values
+    with pytest.raises(DataError, match=r"pixel values span \[0, 16\]; harden expects 0..255 integers"):
+        load_data(str(tmp_path / "i16.npz"), SPEC)
 
 
 def test_array_size_mismatch_needs_resize(tmp_path):

@@ -119,7 +119,7 @@ def _check_range(dataset: FittedDataset, sample: int = 32) -> None:
         image = raw.image(index)
         low, high = float(image.min()), float(image.max())
         if low < -1e-3 or high > 1 + 1e-3:
-            raise DataError(f"{raw.name}: pixel values span [{low:.3g}, {high:.3g}]; harden expects uint8 or floats in [0, 1] (normalisation goes in --mean/--std)")
+            raise DataError(f"{raw.name}: pixel values span [{low:.3g}, {high:.3g}]; harden expects 0..255 integers, 16-bit integers or floats in [0, 1] (normalisation goes in --mean/--std)")
 
 
 def load_data(spec: str, input_spec: InputSpec | None, *, num_classes: int | None = None, resize: bool = False) -> FittedDataset:

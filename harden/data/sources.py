@@ -114,8 +114,8 @@ def _class_indices(path: Path, y: np.ndarray, count: int) -> np.ndarray:
 
 
 class NpzSource(ImageSource):
-    """Images as (N,H,W), (N,H,W,C) or (N,C,H,W), uint8 or float in [0,1] (`x`, or a common name such
-    as `images`); labels as (N,) integers or (N, classes) one-hot (`y`, `labels`, `targets`)."""
+    """Images as (N,H,W), (N,H,W,C) or (N,C,H,W), uint8 (or other integers in 0..255), uint16 or float
+    in [0,1] (`x`, or a common name such as `images`); labels as (N,) integers or (N, classes) one-hot (`y`, `labels`, `targets`)."""
 
     def __init__(self, path: Path) -> None:
         try:
@@ -141,7 +141,8 @@ class NpzSource(ImageSource):
         if x.dtype.kind not in "uif":
             raise DataError(f"{path}: x has dtype {x.dtype}; expected uint8 or float images")
         self._x = x
-        self._scale = 255.0 if x.dtype == np.uint8 else 1.0
+        # uint16 arrays are 16-bit images; other integer arrays (int64 from arithmetic on uint8) hold 0..255
+        self._scale = 1.0 if x.dtype.kind == "f" else 65535.0 if x.dtype == np.uint16 else 255.0
         super().__init__(path.name, y.astype(np.int64), None, tuple(int(s) for s in shape))
 
     def image(self, index: int) -> torch.Tensor:
