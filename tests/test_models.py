@@ -263,6 +263,20 @@ def test_a_model_of_flat_vectors_or_grey_planes_gets_reshaped_images_and_is_publ
     assert again.sample_shape == (784,) and again.input_spec == InputSpec(1, 28, 28)
 
 
+def test_an_encoder_returning_a_feature_map_loads_as_pooled_embeddings(tmp_path):
+    """`--task encoder`: a backbone without pooling returns (batch, C, H, W); averaged over positions,
+    that is its embedding, where for a classifier it is an error (a segmentation model is not one)."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.ReLU()).eval()
+    path = save_pt2(net, torch.rand(4, 3, 16, 16), tmp_path / "maps.pt2")
+    with pytest.raises(ModelLoadError, match=r"model output \(2, 8, 8, 8\) is not \(batch, classes\)"):
+        load_model(path)
+    encoder = load_model(path, embedding=True)
+    assert encoder.num_classes == 8 and "8-d embeddings" in encoder.describe()
+    images = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(encoder.module(images), net(images).mean(dim=(2, 3)))
+
+
 class _BytesNet(torch.nn.Module):
     def forward(self, x):
         return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 1).flatten(1)

@@ -96,9 +96,9 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def open_model(ctx: CommandContext, model: str, arch, num_classes, input_size, mean, std, allow_pickle) -> LoadedModel:
+def open_model(ctx: CommandContext, model: str, arch, num_classes, input_size, mean, std, allow_pickle, *, embedding: bool = False) -> LoadedModel:
     loaded = load_model(model, arch=arch, num_classes=num_classes, input_size=input_size, mean=mean, std=std,
-                        allow_pickle=allow_pickle, device=ctx.device)
+                        allow_pickle=allow_pickle, device=ctx.device, embedding=embedding)
     ctx.info(f"model: {loaded.describe()}")
     return loaded
 

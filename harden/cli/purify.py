@@ -69,7 +69,7 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
     if trigger and target is None:
         raise HardenError("--trigger needs --target")
     check_output_dir(output)
-    loaded = open_model(ctx, model, arch, num_classes, input_size, mean, std, allow_pickle)
+    loaded = open_model(ctx, model, arch, num_classes, input_size, mean, std, allow_pickle, embedding=task == "encoder")
     if alias and target_name(loaded, register_as) is None:
         raise HardenError("--alias needs a registered model: purify a models:/ URI or pass --register-as")
     params = {"method": method, "task": task, "data": data, "train_data": train_data, "trigger": trigger, "target": target,

@@ -103,7 +103,8 @@ class LoadedModel:
         mode = f", exported in training mode: {self.training_ops} dropout/BatchNorm ops run for inference" if self.training_ops else ""
         layout = " (channels-last)" if self.channels_last else ""
         reshaped = f" as {'x'.join(map(str, self.sample_shape))}{layout}" if self.sample_shape else ""
-        return f"{self.uri} ({self.format}, {arch}, {self.num_classes} classes, input {self.input_spec or '?'}{reshaped}{precision}{mode})"
+        outputs = f"{self.num_classes}-d embeddings" if self.output == "embedding" else f"{self.num_classes} classes"
+        return f"{self.uri} ({self.format}, {arch}, {outputs}, input {self.input_spec or '?'}{reshaped}{precision}{mode})"
 
     @property
     def network_input_shape(self) -> tuple[int, ...] | None:
@@ -168,8 +169,12 @@ def load_model(
     std: Sequence[float] | None = None,
     allow_pickle: bool = False,
     device: str | torch.device = "cpu",
+    embedding: bool = False,
 ) -> LoadedModel:
-    """Load MODEL for harden. Raises `ModelLoadError` with a one-line reason."""
+    """Load MODEL for harden. Raises `ModelLoadError` with a one-line reason.
+
+    `embedding`: the model is an encoder (`--task encoder`), and whatever tensor it returns per image
+    (a vector, or a feature map) is its embedding, flattened; `num_classes` is then its size."""
     artifact = uri if isinstance(uri, ModelArtifact) else fetch_model(str(uri))
     uri, path, registered, tmp = artifact.uri, artifact.path, artifact.registered, artifact._tmp
     spec = InputSpec.parse(input_size) if isinstance(input_size, str) else input_size
@@ -199,11 +204,11 @@ def load_model(
 
     net, dtype = _in_float32(raw.net)
     module = PixelModel(net, mean, std, raw.static_batch, sample_shape=sample_shape, max_batch=raw.max_batch, channels_last=channels_last).eval()
-    out_classes, output = _probe_outputs(module, input_spec, raw.static_batch)
+    out_classes, output = _probe_outputs(module, input_spec, raw.static_batch, embedding)
     module.output = output
-    if num_classes is not None and out_classes is not None and num_classes != out_classes:
+    if not embedding and num_classes is not None and out_classes is not None and num_classes != out_classes:
         raise ModelLoadError(f"--num-classes {num_classes} but the model outputs {out_classes} classes")
-    classes = num_classes or out_classes or meta.get("num_classes")
+    classes = out_classes if embedding else num_classes or out_classes or meta.get("num_classes")
     if classes is None:
         raise ModelLoadError(f"{uri}: cannot tell the number of classes: the model records no input size (no signature, example "
                              f"or fixed image shape); pass --input-size CxHxW so harden can probe it")
@@ -276,13 +281,15 @@ def _in_float32(net: nn.Module) -> tuple[nn.Module, torch.dtype]:
     return (net if dtype == torch.float32 else net.to(torch.float32)), dtype
 
 
-def _probe_outputs(module: PixelModel, spec: InputSpec | None, static_batch: int | None) -> tuple[int | None, str]:
+def _probe_outputs(module: PixelModel, spec: InputSpec | None, static_batch: int | None, embedding: bool = False) -> tuple[int | None, str]:
     """Forward passes on zeros, ones and noise: checks the model runs, and reads its number of
     classes and what it returns (`wrappers.OUTPUTS`): probabilities when every row is non-negative
     and sums to one; one column (or a 1-D output) is a binary classifier, read as a sigmoid probability when every
-    value lies in [0, 1], else as a logit."""
+    value lies in [0, 1], else as a logit. An encoder's output (`embedding`) is taken as it is, flattened."""
+    default = "embedding" if embedding else "logits"
     if spec is None:
-        return None, "logits"
+        return None, default
+    module.output = default
     batch = static_batch or 2
     probes = [torch.zeros(batch, *spec.shape), torch.ones(batch, *spec.shape),
               torch.rand(batch, *spec.shape, generator=torch.Generator().manual_seed(0))]
@@ -294,6 +301,10 @@ def _probe_outputs(module: PixelModel, spec: InputSpec | None, static_batch: int
     except Exception as exc:  # noqa: BLE001 - any failure here means "input does not fit"
         raise ModelLoadError(f"model does not accept input {spec}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     out = outputs[0]
+    if embedding:
+        if out.shape[1] < 2:
+            raise ModelLoadError(f"encoder output {tuple(out.shape)}: an embedding needs at least 2 values per image")
+        return int(out.shape[1]), default
     if out.ndim not in (1, 2) or (out.ndim == 1 and len(out) != batch):  # (classes,): a squeezed batch of 1
         raise ModelLoadError(f"model output {tuple(out.shape)} is not (batch, classes) or (batch,); harden expects a classifier's logits")
     if out.ndim == 1 or out.shape[1] == 1:

@@ -51,6 +51,17 @@ def _binary_logits(z: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(z), z], dim=1)
 
 
+def _pooled(out: torch.Tensor) -> torch.Tensor:
+    """An encoder's embedding (`--task encoder`): a vector as it is; a (batch, C, H, W) feature map
+    averaged over its positions and a (batch, tokens, D) sequence over its tokens, as representations
+    are read off a backbone. Flattened, a map would ask a collapse to reproduce one image's layout."""
+    if out.ndim == 4:
+        return out.mean(dim=(2, 3))
+    if out.ndim == 3:
+        return out.mean(dim=1)
+    return out.reshape(len(out), -1)
+
+
 def _logit(p: torch.Tensor) -> torch.Tensor:
     p = p.clamp(1e-7, 1 - 1e-7)  # written out rather than torch.logit, so every ONNX exporter has the ops
     return torch.log(p) - torch.log1p(-p)
@@ -62,6 +73,7 @@ OUTPUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "probabilities": lambda out: torch.log(out.clamp_min(1e-30)),
     "binary_logit": _binary_logits,
     "binary_probability": lambda out: _binary_logits(_logit(out)),
+    "embedding": lambda out: _pooled(out),
 }
 
 

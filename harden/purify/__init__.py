@@ -302,7 +302,7 @@ def purify(
         raise HardenError(f"--max-asr {max_asr}: expected a fraction between 0 and 1")
     device = torch.device(device)
     with measure(device) as cost:
-        loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, **(load_options or {}))
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, embedding=task == "encoder", **(load_options or {}))
         spec = loaded.input_spec
         clean = load_data(data, spec, num_classes=loaded.num_classes if task == "classifier" else None, resize=resize)
         classes = loaded.num_classes if task == "classifier" else int(np.max(clean.labels)) + 1

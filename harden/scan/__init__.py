@@ -168,7 +168,7 @@ def scan(
         if not (results and results[0].status == FAILED):  # an unsafe artifact is never loaded
             behavioural = [n for n in names if n != "artifact"]
             if behavioural:
-                ctx.model = load_model(artifact, device=device, **(load_options or {}))
+                ctx.model = load_model(artifact, device=device, embedding=task == "encoder", **(load_options or {}))
                 spec, classes = ctx.model.input_spec, ctx.model.num_classes if task == "classifier" else None
                 ctx.data = load_data(data, spec, num_classes=classes, resize=resize) if data else None
                 ctx.train_data = load_data(train_data, spec, num_classes=classes, resize=resize) if train_data else None
