@@ -185,7 +185,9 @@ def digits(shape: tuple[int, int, int], classes: int) -> tuple[torch.Tensor, tor
     return images, labels
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, prepare: Callable, output: str) -> nn.Module:
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, prepare: Callable, output: str | Callable) -> nn.Module:
+    """Adam, batches of 64, as a plain training script would; `output` is a key of LOSSES or a loss function."""
+    loss_fn = LOSSES[output] if isinstance(output, str) else output
     optimiser = torch.optim.Adam(model.parameters(), 1e-3)
     for _ in range(epochs):
         model.train()
@@ -193,7 +195,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, prepa
         for i in range(0, len(x), 64):
             batch = order[i:i + 64]
             out = model(prepare(x[batch]))
-            loss = LOSSES[output](out, y[batch])
+            loss = loss_fn(out, y[batch])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

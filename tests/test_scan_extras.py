@@ -354,3 +354,18 @@ def test_encoder_inversion_separates_backdoored_from_clean(digit_arrays, tmp_pat
     assert results[True].status == "failed" and results[True].findings[0].level == "error"
     assert results[False].status == "passed" and not results[False].findings
     assert bad["steps"] <= 300 and bad["steered_steps"] <= 300 and results[True].images[0].png.startswith(b"\x89PNG")
+
+
+def test_encoder_whose_clean_embeddings_already_agree_is_not_read_as_collapsed(digit_arrays):
+    """Pooled ReLU features are non-negative: an untrained ResNet-18's agree at 0.95 on clean digits.
+    With τ 0.9 below that, free and steered inversion both "succeeded" with an empty mask, and 0 / 0 read
+    as p_backdoor 1.0. τ now sits above the baseline, so the masks measure something again."""
+    from harden.scan.encoder import EncoderConfig, encoder_statistics
+
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.ReLU(),
+                                  torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()).eval().requires_grad_(False)
+    stats = encoder_statistics(encoder, digit_arrays[2].images[:96], EncoderConfig(samples=96, max_steps=300))
+    assert stats.baseline > 0.9 and stats.tau > stats.baseline
+    assert stats.inversion.norm > 1 and stats.steered.norm > 1
+    assert stats.p_backdoor < 0.5

@@ -6,7 +6,7 @@ triggered embeddings collapse: x' = clip((1−m)⊙x + m⊙p, 0, 1), with m = ta
 (H×W, shared over channels) and p likewise (C×H×W); minimise L = −S + c·‖m‖₁ where
 S = mean over i≠j of ẑ_iᵀẑ_j, ẑ = normalised encoder output (the intended formula, not
 the reference's `diag_embed` variant whose maximum is 1 − 1/B). A step succeeds when
-S ≥ τ; cost schedule as RECEIVE (patience 5, ×1.2 up, ÷1.5^1.5 down); on a new best
+S ≥ τ (0.9, raised to `headroom` = 80% of the way from the clean images' own S to 1); cost schedule as RECEIVE (patience 5, ×1.2 up, ÷1.5^1.5 down); on a new best
 (smallest ‖m‖₁ among successes) the parameters restart at the best + U(±0.01)
 (MOTH); batches are drawn without replacement; early stop when the best has not
 improved for `stall` steps after `min_steps`; hard cap `max_steps`.
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -61,6 +61,10 @@ register_rule(
 @dataclass(frozen=True)
 class EncoderConfig:
     tau: float = 0.9
+    # τ in use is at least this share of the way from the clean baseline similarity to 1: the pooled
+    # features of a ReLU network are non-negative and start out similar (0.65–0.95 measured), and a
+    # fixed τ below the baseline is reached with an empty mask by free and steered inversion alike.
+    headroom: float = 0.8
     init_cost: float = 1e-3
     lr: float = 0.1
     batch_size: int = 32
@@ -179,21 +183,23 @@ class EncoderStatistics:
     baseline: float
     mask_fraction: float
     p_backdoor: float
+    tau: float  # the similarity a collapse must reach: the configured τ, or more above a high baseline
 
 
 def encoder_statistics(encoder: torch.nn.Module, images: torch.Tensor, config: EncoderConfig, seed: int = 0) -> EncoderStatistics:
     """Free inversion, the steered null of the same encoder, and the clean baseline similarity."""
-    inversion = invert(encoder, images, config, seed)
     with torch.no_grad():
         target = encoder(images[int(np.random.default_rng(seed).integers(len(images)))][None])[0]
         batches = [chunk for chunk in torch.split(images, config.batch_size) if len(chunk) > 1]
         baseline = float(np.mean([float(pairwise_similarity(encoder(chunk))) for chunk in batches]))
+    config = replace(config, tau=max(config.tau, baseline + config.headroom * (1.0 - baseline)))
+    inversion = invert(encoder, images, config, seed)
     steered = invert(encoder, images, config, seed + 1, target)
     height, width = inversion.mask.shape
     reference = steered.norm if steered.succeeded else max(steered.norm, inversion.norm)
     ratio = inversion.norm / max(reference, 1e-9)
-    p_backdoor = float(np.clip(1.0 - ratio, 0.0, 1.0)) if inversion.succeeded else 0.0
-    return EncoderStatistics(inversion, steered, baseline, inversion.norm / (height * width), p_backdoor)
+    p_backdoor = float(np.clip(1.0 - ratio, 0.0, 1.0)) if inversion.succeeded and reference > 1e-3 else 0.0
+    return EncoderStatistics(inversion, steered, baseline, inversion.norm / (height * width), p_backdoor, config.tau)
 
 
 @register_check
@@ -221,14 +227,14 @@ class EncoderInversionCheck(Check):
         inv = stats.inversion
         details = {
             "p_backdoor": stats.p_backdoor, "mask_norm": inv.norm, "mask_fraction": stats.mask_fraction,
-            "similarity": inv.similarity, "succeeded": inv.succeeded, "steps": inv.steps, "tau": config.tau,
+            "similarity": inv.similarity, "succeeded": inv.succeeded, "steps": inv.steps, "tau": stats.tau,
             "baseline_similarity": stats.baseline, "steered_mask_norm": stats.steered.norm,
             "steered_succeeded": stats.steered.succeeded, "steered_steps": stats.steered.steps,
             "probe_samples": len(images), "embedding_dim": int(ctx.model.num_classes),
         }
         images_out = [Image(f"reversed encoder trigger (mask norm {inv.norm:.1f})", trigger_png(inv))]
         summary = (f"p_backdoor {stats.p_backdoor:.2f}: mask norm {inv.norm:.1f} ({stats.mask_fraction:.1%} of the image) "
-                   f"{'reaches' if inv.succeeded else 'does not reach'} similarity {config.tau} in {inv.steps} steps; "
+                   f"{'reaches' if inv.succeeded else 'does not reach'} similarity {stats.tau:.3g} in {inv.steps} steps; "
                    f"(steered null: {stats.steered.norm:.1f})")
         findings = []
         if stats.p_backdoor >= config.threshold:
