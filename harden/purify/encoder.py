@@ -17,7 +17,7 @@ from torch import nn
 
 from harden.data.pipeline import LabelledDataset, make_loader
 from harden.purify.triggers import ReversedTrigger, stamp_fraction
-from harden.scan.encoder import EncoderConfig, invert, probe_images
+from harden.scan.encoder import EncoderConfig, above_baseline, clean_similarity, invert, probe_images
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -50,7 +50,7 @@ def encoder_trigger(encoder: nn.Module, train: LabelledDataset, num_classes: int
     for parameter in frozen:
         parameter.requires_grad_(False)
     try:
-        found = invert(encoder, images, config, seed)
+        found = invert(encoder, images, above_baseline(config, clean_similarity(encoder, images, config.batch_size)), seed)
     finally:
         for parameter in frozen:
             parameter.requires_grad_(True)

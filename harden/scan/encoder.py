@@ -186,13 +186,25 @@ class EncoderStatistics:
     tau: float  # the similarity a collapse must reach: the configured τ, or more above a high baseline
 
 
+@torch.no_grad()
+def clean_similarity(encoder: torch.nn.Module, images: torch.Tensor, batch_size: int) -> float:
+    """S of the clean images themselves, batch by batch as the inversion sees them."""
+    batches = [chunk for chunk in torch.split(images, batch_size) if len(chunk) > 1]
+    return float(np.mean([float(pairwise_similarity(encoder(chunk))) for chunk in batches]))
+
+
+def above_baseline(config: EncoderConfig, baseline: float) -> EncoderConfig:
+    """`config` with τ at least `headroom` of the way from the clean similarity to 1: a collapse is
+    only a collapse when the clean images do not already agree that much."""
+    return replace(config, tau=max(config.tau, baseline + config.headroom * (1.0 - baseline)))
+
+
 def encoder_statistics(encoder: torch.nn.Module, images: torch.Tensor, config: EncoderConfig, seed: int = 0) -> EncoderStatistics:
     """Free inversion, the steered null of the same encoder, and the clean baseline similarity."""
     with torch.no_grad():
         target = encoder(images[int(np.random.default_rng(seed).integers(len(images)))][None])[0]
-        batches = [chunk for chunk in torch.split(images, config.batch_size) if len(chunk) > 1]
-        baseline = float(np.mean([float(pairwise_similarity(encoder(chunk))) for chunk in batches]))
-    config = replace(config, tau=max(config.tau, baseline + config.headroom * (1.0 - baseline)))
+    baseline = clean_similarity(encoder, images, config.batch_size)
+    config = above_baseline(config, baseline)
     inversion = invert(encoder, images, config, seed)
     steered = invert(encoder, images, config, seed + 1, target)
     height, width = inversion.mask.shape
