@@ -277,6 +277,20 @@ def test_an_encoder_returning_a_feature_map_loads_as_pooled_embeddings(tmp_path)
         assert torch.allclose(encoder.module(images), net(images).mean(dim=(2, 3)))
 
 
+def test_a_pt2_of_dynamic_height_and_width_takes_its_example_size(tmp_path):
+    """A network that pools to any size, exported with dynamic height and width: the graph holds no
+    image size, the archive's example does; `--input-size` picks another."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 10)).eval()
+    dynamic = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    torch.export.save(torch.export.export(net, (torch.rand(2, 3, 24, 40),), dynamic_shapes=(dynamic,)), str(tmp_path / "any_size.pt2"))
+    loaded = load_model(tmp_path / "any_size.pt2")
+    assert loaded.input_spec == InputSpec(3, 24, 40) and loaded.num_classes == 10
+    images = torch.rand(3, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(load_model(tmp_path / "any_size.pt2", input_size="3x48x48").module(images), net(images), atol=1e-5)
+
+
 class _BytesNet(torch.nn.Module):
     def forward(self, x):
         return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 1).flatten(1)

@@ -394,10 +394,25 @@ def _read_pt2(path: Path, allow_pickle: bool) -> _Raw:
                                      f"(in 0..255 too: harden finds the scale)")
             break
     static_batch = shape[0] if shape and isinstance(shape[0], int) else None
-    spec = InputSpec.from_shape(shape) if shape and len(shape) == 4 else None
+    sizes = _with_example_sizes(shape, program)
+    spec = InputSpec.from_shape(sizes) if sizes and len(sizes) == 4 else None
     net = program.module()
     return _Raw(net, "pt2", spec, static_batch, state_dict=dict(program.state_dict), training_ops=_for_inference(net),
-                sample_shape=_non_image_sample_shape(shape), max_batch=_batch_bound(program, shape))
+                sample_shape=_non_image_sample_shape(sizes), max_batch=_batch_bound(program, shape))
+
+
+def _with_example_sizes(shape: tuple | None, program: torch.export.ExportedProgram) -> tuple | None:
+    """`shape` with its dynamic dimensions (an export with dynamic height and width: a network that
+    pools to any size) read from the example the archive was exported with, when it kept one."""
+    if not shape or all(isinstance(d, int) for d in shape[1:]):
+        return shape
+    try:
+        example = tuple(program.example_inputs[0][0].shape)
+    except (TypeError, IndexError, AttributeError):
+        return shape
+    if len(example) != len(shape):
+        return shape
+    return (shape[0], *(d if isinstance(d, int) else e for d, e in zip(shape[1:], example[1:])))
 
 
 def _devices_this_machine_has(path: Path, scratch: Path) -> Path:
