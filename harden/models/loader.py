@@ -174,7 +174,7 @@ def load_model(
     """Load MODEL for harden. Raises `ModelLoadError` with a one-line reason.
 
     `embedding`: the model is an encoder (`--task encoder`), and whatever tensor it returns per image
-    (a vector, or a feature map) is its embedding, flattened; `num_classes` is then its size."""
+    is its embedding (`wrappers.OUTPUTS`: a feature map averaged over its positions); `num_classes` is then its size."""
     artifact = uri if isinstance(uri, ModelArtifact) else fetch_model(str(uri))
     uri, path, registered, tmp = artifact.uri, artifact.path, artifact.registered, artifact._tmp
     spec = InputSpec.parse(input_size) if isinstance(input_size, str) else input_size
@@ -285,7 +285,7 @@ def _probe_outputs(module: PixelModel, spec: InputSpec | None, static_batch: int
     """Forward passes on zeros, ones and noise: checks the model runs, and reads its number of
     classes and what it returns (`wrappers.OUTPUTS`): probabilities when every row is non-negative
     and sums to one; one column (or a 1-D output) is a binary classifier, read as a sigmoid probability when every
-    value lies in [0, 1], else as a logit. An encoder's output (`embedding`) is taken as it is, flattened."""
+    value lies in [0, 1], else as a logit. An encoder's output (`embedding`) is its embedding, whatever its shape."""
     default = "embedding" if embedding else "logits"
     if spec is None:
         return None, default
