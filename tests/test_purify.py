@@ -26,7 +26,7 @@ from harden.evaluation import evaluate
 from harden.models import create_model, load_model
 from harden.models.wrappers import PixelModel
 from harden.publish import publish
-from harden.purify import purify
+from harden.purify import PurifyResult, purify
 from harden.purify.base import BestCheckpoint, PurifyContext, options_from_pairs
 from harden.purify.nft import MaskedNetwork, anchored_cross_entropy, find_mask_sites, lower_bounds, mixup_weight
 from harden.purify.triggers import AdditiveTrigger, ReversedTrigger, TriggerChaser, refreshed
@@ -310,6 +310,7 @@ def test_guardrail_trips_and_nothing_is_registered_or_written(demo, run_cli, tmp
     assert code == 1
     report = json.loads(out)
     assert report["guardrail_passed"] is False and report["output_model_uri"] is None
+    assert report["validation_images"] == 53  # the stratified 20% of the demo's 270 clean images
     if tripped == "accuracy":
         assert report["residual_asr"] <= report["max_asr"] == 1 and report["acc_drop_points"] > -50
     else:
@@ -317,6 +318,16 @@ def test_guardrail_trips_and_nothing_is_registered_or_written(demo, run_cli, tmp
         assert report["residual_trigger"] == tripped
     assert registry_snapshot() == before_versions
     assert not (tmp_path / "never").exists()
+
+
+def test_a_validation_split_coarser_than_the_bound_is_said():
+    """36 validation images weigh 2.8 points each: a 2-point accuracy bound cannot be resolved there
+    (a tiny ViT lost 7.4 test points and passed), and the report says so."""
+    def result(images: int) -> PurifyResult:
+        return PurifyResult("trigger-unlearn", {}, None, None, None, None, [], 2.0, None, validation_images=images)
+
+    assert "judged 36 validation images, where one image is 2.8 points" in result(36).coarse_guardrail
+    assert result(50).coarse_guardrail is None and result(500).coarse_guardrail is None
 
 
 def test_nft_lowers_reversed_trigger_success_and_keeps_the_architecture(demo):

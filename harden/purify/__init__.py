@@ -93,6 +93,7 @@ class PurifyResult:
     history: list[dict[str, float]] = field(default_factory=list)
     duration_s: float = 0.0
     peak_memory_mb: float = 0.0
+    validation_images: int = 0  # what ACC before/after and the guardrails are measured on
 
     @property
     def acc_drop(self) -> float:
@@ -149,10 +150,20 @@ class PurifyResult:
             "der": self.der,
             "reversed_triggers": [t.to_dict() for t in self.triggers],
             "history": self.history,
+            "validation_images": self.validation_images,
             "duration_s": self.duration_s,
             "peak_memory_mb": self.peak_memory_mb,
             "harden_version": __version__,
         }
+
+    @property
+    def coarse_guardrail(self) -> str | None:
+        """Why the accuracy guardrail cannot resolve its bound, when one validation image weighs more than it."""
+        if not self.validation_images or 100.0 / self.validation_images <= self.max_acc_drop:
+            return None
+        return (f"The accuracy guardrail judged {self.validation_images} validation images, where one image is "
+                f"{100.0 / self.validation_images:.1f} points, more than --max-acc-drop {self.max_acc_drop:g}: a larger "
+                f"loss can pass unseen. Give more clean data or a larger --validation-fraction.")
 
     @property
     def acc_change(self) -> str:
@@ -178,10 +189,12 @@ class PurifyResult:
                                                 "Give more clean data (the guardrail judges on its validation split), or try another --method."])))
         if not self.residual.removed:
             steps.append("The backdoor still works: try --method trigger-unlearn or nft, or more epochs (--set epochs=N).")
+        if self.coarse_guardrail:
+            steps.append(self.coarse_guardrail)
         verdict = (f"purified, ACC {self.acc_change} pt" if self.passed
                    else f"guardrail tripped: {'; '.join(self.tripped)}, nothing registered")
         return Report(SCHEMA, f"harden purify {self.source_uri} ({self.method}): {verdict}", self.to_dict(output_model_uri),
-                      [Table("Before / after (held-out clean split)", ["metric", "before", "after"], rows),
+                      [Table(f"Before / after (held-out clean split, {self.validation_images} images)", ["metric", "before", "after"], rows),
                        Table("Result", ["field", "value"], [["method", self.method], ["output model", output_model_uri or "-"],
                                                            ["DER", self.der], ["seconds", self.duration_s],
                                                            ["peak memory (MB)", self.peak_memory_mb]])],
@@ -339,4 +352,4 @@ def purify(
     if normalisation:
         params["input_normalisation"] = normalisation.name  # the purified version's metadata records its mean/std
     return PurifyResult(method, params, before, after, output.model, loaded, reversed_triggers, max_acc_drop, residual, output.history,
-                        cost.duration_s, cost.peak_memory_mb)
+                        cost.duration_s, cost.peak_memory_mb, len(validation))
