@@ -63,7 +63,7 @@ register_rule(
 class EncoderConfig:
     tau: float = 0.9
     # τ in use is at least this share of the way from the clean baseline similarity to 1: the pooled
-    # features of a ReLU network are non-negative and start out similar (0.63–0.99 measured), and a
+    # features of a ReLU network are non-negative and start out similar (0.62–1.00 measured), and a
     # fixed τ below the baseline is reached with an empty mask by free and steered inversion alike.
     headroom: float = 0.8
     init_cost: float = 1e-3
