@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from harden import __version__, tracking
-from harden.data.sources import is_artifact_uri
+from harden.data.sources import is_local_path
 from harden.errors import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK, HardenError
 from harden.report import CheckOutcome, Finding, Report, Table
 
@@ -202,7 +202,7 @@ def scan_registry(
         raise HardenError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
     if workers < 1:
         raise HardenError("--workers must be at least 1")
-    if data and not is_artifact_uri(data) and not data.startswith(("digits", "torchvision:")):
+    if data and is_local_path(data):
         data = str(Path(data).resolve())  # workers run elsewhere (other cwd, other processes)
     start = time.perf_counter()
     versions = list_versions(filter_string, max_versions)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from harden.data import load_data, open_source, split
-from harden.data.sources import is_artifact_uri
+from harden.data.sources import is_artifact_uri, is_local_path
 from harden.errors import DataError, HardenError
 from harden.models import InputSpec
 
@@ -197,6 +197,7 @@ def test_data_kept_as_an_mlflow_artifact(mlflow_home, tmp_path):
 ])
 def test_artifact_uris_are_told_from_paths_and_built_in_sources(spec, uri):
     assert is_artifact_uri(spec) is uri
+    assert is_local_path(spec) is (not uri and spec.split(":")[0] not in ("digits", "torchvision"))
 
 
 def test_digits_render_to_any_input():

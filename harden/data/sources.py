@@ -264,6 +264,12 @@ def is_artifact_uri(spec: str) -> bool:
     return spec.split(":", 1)[0] not in _SCHEMES and bool(_ARTIFACT_URI.match(spec))
 
 
+def is_local_path(spec: str) -> bool:
+    """A file or folder on this machine: not a built-in source (`digits`, `torchvision:…`), not an artifact URI."""
+    spec = str(spec).strip()
+    return spec.split(":", 1)[0] not in _SCHEMES and not _ARTIFACT_URI.match(spec)
+
+
 def open_source(spec: str) -> ImageSource:
     """Resolve a `--data` value to a source; raises `DataError` with the reason."""
     spec = str(spec).strip()

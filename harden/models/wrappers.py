@@ -15,7 +15,8 @@ with one output (a column or a 1-D tensor; a logit, or a sigmoid probability) be
 than its logits, such as (logits, features) or a dict or Hugging Face output with a `logits` entry, is
 read through `network_logits`. A network whose input is not (batch, C, H, W), such as an MLP on
 (batch, C·H·W) vectors or a model of (batch, H, W) grey images, gets its images reshaped to that
-input in channel, row, column order, as `x.view(len(x), -1)` does.
+input in channel, row, column order, as `x.view(len(x), -1)` does; one of (batch, H, W, C) images
+gets them permuted. An encoder's output (`--task encoder`) is pooled to one embedding per image.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ OUTPUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "probabilities": lambda out: torch.log(out.clamp_min(1e-30)),
     "binary_logit": _binary_logits,
     "binary_probability": lambda out: _binary_logits(_logit(out)),
-    "embedding": lambda out: _pooled(out),
+    "embedding": _pooled,
 }
 
 
