@@ -23,6 +23,8 @@ from harden.runtime import training_layout
 from harden.training import TrainConfig, fit
 from tests.conftest import CustomNet, train_quickly
 
+DATA = Path(__file__).parent / "data"
+
 
 def save_pt2(net: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
     """`net` as a pt2 archive with a dynamic batch, as MLflow 3 logs one."""
@@ -501,22 +503,21 @@ def test_a_pt2_whose_weights_or_sample_inputs_are_pickles_never_executes(tmp_pat
     assert load_model(tmp_path / "plain.pt2").num_classes == 3  # a plain export needs no flag
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="reading a GPU export without CUDA")
-def test_a_pt2_exported_on_a_gpu_loads_on_a_machine_without_one(tmp_path):
-    """torch.export.load puts weights back on the export's device and has no map_location; a model logged
-    on a training GPU and scanned by a CPU CI runner is read with every device record moved to the CPU."""
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
-    plain = save_pt2(net, torch.rand(4, 3, 2, 2), tmp_path / "plain.pt2")
-    exported_on_gpu = tmp_path / "gpu.pt2"
-    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(exported_on_gpu, "w") as target:
-        for name in source.namelist():  # the device records a CUDA export writes
-            data = source.read(name)
-            target.writestr(name, data.replace(b'{"type": "cpu", "index": null}', b'{"type": "cuda", "index": 0}') if name.endswith(".json") else data)
-    with pytest.raises(RuntimeError):
-        torch.export.load(str(exported_on_gpu))
-    x = torch.rand(5, 3, 2, 2)
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_a_pt2_exported_on_a_gpu_loads_anywhere(device):
+    """A real archive exported on an H100 (tests/data/make_gpu_export.py). torch.export.load puts the
+    weights back on the export's device and has no map_location: without CUDA, harden reads it with every
+    device record moved to the CPU (a model logged on a training GPU, scanned by a CPU CI runner); with
+    CUDA, the weights load onto the GPU and are probed there."""
+    archive, recorded = DATA / "gpu_export.pt2", np.load(DATA / "gpu_export_io.npz")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError):
+            torch.export.load(str(archive))
+    loaded = load_model(archive, device=device)
+    assert (loaded.num_classes, str(loaded.input_spec), loaded.module.max_batch) == (10, "3x32x32", 64)
     with torch.no_grad():
-        assert torch.equal(load_model(exported_on_gpu).module(x), net(x.flatten(1)))
+        outputs = loaded.module(torch.from_numpy(recorded["x"]).to(device)).cpu()
+    assert torch.allclose(outputs, torch.from_numpy(recorded["y"]), atol=1e-5)
 
 
 def test_corrupted_pt2_is_a_load_error(tmp_path):

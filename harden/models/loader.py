@@ -295,7 +295,7 @@ def _probe_outputs(module: PixelModel, spec: InputSpec | None, static_batch: int
               torch.rand(batch, *spec.shape, generator=torch.Generator().manual_seed(0))]
     try:
         with torch.no_grad():
-            outputs = [module(probe) for probe in probes]
+            outputs = [module(probe.to(module.device)).cpu() for probe in probes]
     except ModelLoadError:
         raise  # the model ran, but its output holds no logits
     except Exception as exc:  # noqa: BLE001 - any failure here means "input does not fit"

@@ -21,6 +21,7 @@ gets them permuted. An encoder's output (`--task encoder`) is pooled to one embe
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -104,11 +105,15 @@ class PixelModel(nn.Module):
         if mean is not None and std is not None:
             self.set_normalisation(mean, std)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the network's weights are (a pt2 exported on a GPU loads onto it)."""
+        return next(itertools.chain(self.net.parameters(), self.net.buffers()), torch.empty(0)).device
+
     def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Normalise pixels with `mean`/`std` before the network (also after loading: `models.normalisation`)."""
-        device = next(self.net.parameters(), torch.empty(0)).device
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32, device=device).view(1, -1, 1, 1))
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32, device=self.device).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32, device=self.device).view(1, -1, 1, 1))
         self.normalize = True
 
     def train(self, mode: bool = True) -> "PixelModel":
