@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import mlflow
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from harden.models import InputSpec, create_model
 from harden.scan import VERDICTS, combine, scan
 from harden.scan.base import ERROR, FAILED, PASSED, SKIPPED, CheckResult
-from harden.scan.inversion import InversionConfig, _ClassState, invert_triggers, mad_anomaly
+from harden.scan.inversion import InversionConfig, _ClassState, _passes, invert_triggers, mad_anomaly
 from harden.scan.verdict import FEATURES, Calibration
 from harden.training import TrainConfig, fit
 
@@ -255,6 +256,24 @@ def test_plain_neural_cleanse_baseline_does_fixed_work_without_harden_additions(
     assert result.total_steps == 4 * 60 and all(c.steps == 60 for c in result.classes)
     assert all(c.margin == 0.0 for c in result.classes)
     assert int(np.argmin([c.norm for c in result.classes])) == 2
+
+
+def test_classes_share_forward_passes_within_the_pixel_budget_and_give_the_same_triggers():
+    """auto groups classes per pass while the images fit `batch_pixels` (large images fall back to one
+    class per pass); grouping changes the speed, not the triggers: each class keeps its own loss and Adam."""
+    classes = list(range(10))
+    auto = InversionConfig()
+    assert [len(p) for p in _passes(classes, 16, 32 * 32, auto)] == [10]  # the zoo's 32x32 digits: one pass
+    assert [len(p) for p in _passes(classes, 16, 64 * 64, auto)] == [4, 4, 2]
+    assert [len(p) for p in _passes(classes, 8, 224 * 224, auto)] == [1] * 10
+    assert [len(p) for p in _passes(classes, 8, 224 * 224, replace(auto, strategy="batched"))] == [10]
+    assert [len(p) for p in _passes(classes, 16, 32 * 32, replace(auto, strategy="loop"))] == [1] * 10
+
+    base = InversionConfig(max_steps=60, warmup_steps=20, margin_steps=5)
+    runs = {strategy: invert_triggers(PatchBackdoor(), *_banded_images(), 4, replace(base, strategy=strategy))
+            for strategy in ("loop", "auto")}
+    assert [c.steps for c in runs["loop"].classes] == [c.steps for c in runs["auto"].classes]
+    assert [c.norm for c in runs["loop"].classes] == pytest.approx([c.norm for c in runs["auto"].classes], rel=1e-3)
 
 
 def test_sensitivity_separation_is_logged_for_purify(demo, run_cli, tmp_path):
