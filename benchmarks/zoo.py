@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 
 from harden.attacks import Attack, PoisonedDataset
 from harden.data import LabelledDataset, load_data, split, to_uint8_arrays
@@ -28,7 +29,7 @@ from harden.evaluation import evaluate
 from harden.models import InputSpec, create_model, get_arch
 from harden.models.loader import load_model
 from harden.report import Report, Table, emit
-from harden.runtime import seed_everything
+from harden.runtime import resolve_device, seed_everything
 from harden.training import TrainConfig, fit
 
 ZOO_DIR = Path(__file__).parent / ".zoo"
@@ -112,24 +113,25 @@ def training_set(entry: ZooModel) -> LabelledDataset:
     return PoisonedDataset(train, Attack(entry.attack, target=entry.target, num_classes=10), rate=0.1, seed=entry.seed)
 
 
-def build(entry: ZooModel) -> ZooModel:
+def build(entry: ZooModel, device: torch.device) -> ZooModel:
     from safetensors.torch import save_file
 
     _, _, test = zoo_data(entry.spec)
     seed_everything(entry.seed)
     model = create_model(entry.arch, num_classes=10, in_channels=entry.spec.channels)
     data = training_set(entry)
-    fit(model, data, TrainConfig(epochs=EPOCHS.get(entry.arch, 8), lr=2e-3, seed=entry.seed))
-    result = evaluate(model, test, trigger=entry.attack, target=entry.target)
+    fit(model, data, TrainConfig(epochs=EPOCHS.get(entry.arch, 8), lr=2e-3, seed=entry.seed), device=device)
+    result = evaluate(model, test, trigger=entry.attack, target=entry.target, device=device)
     entry.accuracy, entry.asr = result.accuracy, result.asr
     ZOO_DIR.mkdir(exist_ok=True)
-    save_file(model.state_dict(), str(entry.path))
+    save_file({name: tensor.cpu() for name, tensor in model.state_dict().items()}, str(entry.path))
     return entry
 
 
-def load_zoo(select: Callable[[ZooModel], bool] = lambda entry: entry.arch in ARCHS, fresh: int = 0) -> list[ZooModel]:
-    """Build the selected models of `zoo_plan(fresh)` that are missing; return the usable
-    selection (failed attacks left out)."""
+def load_zoo(select: Callable[[ZooModel], bool] = lambda entry: entry.arch in ARCHS, fresh: int = 0,
+             device: str = "auto") -> list[ZooModel]:
+    """Build the selected models of `zoo_plan(fresh)` that are missing (on `device`, CUDA when
+    present by default); return the usable selection (failed attacks left out)."""
     index = ZOO_DIR / "index.json"
     known = {e["name"]: ZooModel(**e) for e in json.loads(index.read_text())} if index.exists() else {}
     entries = []
@@ -139,7 +141,7 @@ def load_zoo(select: Callable[[ZooModel], bool] = lambda entry: entry.arch in AR
             entry.split = planned.split  # a fresh model of an earlier plan may belong to the calibration zoo now
         if entry is None or not entry.path.exists():
             start = time.perf_counter()
-            entry = build(planned)
+            entry = build(planned, resolve_device(device))
             print(f"built {entry.name}: acc {entry.accuracy:.3f} asr {entry.asr} in {time.perf_counter() - start:.0f}s", flush=True)
             known[entry.name] = entry
             index.write_text(json.dumps([asdict(e) for e in known.values()], indent=1))

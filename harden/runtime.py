@@ -34,6 +34,13 @@ def resolve_device(spec: str = "auto") -> torch.device:
     raise HardenError(f"--device {spec!r}: expected auto, cpu or cuda[:N]")
 
 
+def device_label(device: torch.device) -> str:
+    """What a benchmark table's title says it ran on: the GPU's name, or the CPU threads used."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
 _LAYOUTS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.memory_format]" = weakref.WeakKeyDictionary()  # model -> layout it accepts
 
 
@@ -101,6 +108,8 @@ def measure(device: torch.device | None = None) -> Iterator[Measurement]:
     try:
         yield result
     finally:
+        if on_cuda:
+            torch.cuda.synchronize(device)  # queued kernels belong to the block's time
         result.duration_s = round(time.perf_counter() - result._start, 3)
         if on_cuda:
             result.peak_memory_mb = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
