@@ -37,25 +37,29 @@ from harden.runtime import device_label, measure, resolve_device  # noqa: E402
 from harden.scan import scan  # noqa: E402
 from harden.scan.inversion import InversionConfig, invert_triggers  # noqa: E402
 
-STRATEGIES = ("loop", "auto")
+COMPARED = ("loop", "auto")  # the strategies timed side by side
+
+
+def _probe(entry, device: torch.device):
+    """The model on `device` and the scan's probe set (10 clean images per class)."""
+    model = load_model(entry.path, arch=entry.arch, device=device)
+    return (model.module, *stratified_sample(zoo_data(entry.spec)[1], 10, 0))
 
 
 def plain_neural_cleanse(entry, device: torch.device, steps: int = 300) -> tuple[float, float]:
     """(seconds, largest anomaly index) of the reference inversion on the scan's probe set."""
-    model = load_model(entry.path, arch=entry.arch, device=device)
-    images, labels = stratified_sample(zoo_data(entry.spec)[1], 10, 0)
+    module, images, labels = _probe(entry, device)
     with measure(device) as cost:
-        result = invert_triggers(model.module, images, labels, 10, InversionConfig.plain_neural_cleanse(steps), device=device)
+        result = invert_triggers(module, images, labels, 10, InversionConfig.plain_neural_cleanse(steps), device=device)
     return cost.duration_s, max(c.anomaly_index for c in result.classes)
 
 
 def warm_up(entry, device: torch.device) -> None:
     """A few untimed steps per strategy on an architecture's first model: CUDA context, kernel
     selection and the allocator's first blocks are paid here, not by the first timed model."""
-    model = load_model(entry.path, arch=entry.arch, device=device)
-    images, labels = stratified_sample(zoo_data(entry.spec)[1], 10, 0)
-    for strategy in STRATEGIES:
-        invert_triggers(model.module, images, labels, 10, replace(InversionConfig.plain_neural_cleanse(5), strategy=strategy), device=device)
+    module, images, labels = _probe(entry, device)
+    for strategy in COMPARED:
+        invert_triggers(module, images, labels, 10, replace(InversionConfig.plain_neural_cleanse(5), strategy=strategy), device=device)
 
 
 def main() -> None:
@@ -70,7 +74,7 @@ def main() -> None:
     device = resolve_device(args.device)
     archs, seeds = args.archs.split(","), [int(s) for s in args.seeds.split(",")]
     zoo = load_zoo(lambda e: e.arch in archs and e.seed in seeds, device=args.device)
-    rows, seconds, right = [], {s: [] for s in STRATEGIES + ("nc",)}, {s: 0 for s in STRATEGIES + ("nc",)}
+    rows, seconds, right = [], {s: [] for s in COMPARED + ("nc",)}, {s: 0 for s in COMPARED + ("nc",)}
     with tempfile.TemporaryDirectory() as tmp:
         clean_files: dict = {}
         warmed: set[str] = set()
@@ -81,7 +85,7 @@ def main() -> None:
                 warmed.add(entry.arch)
                 warm_up(entry, device)
             row = [entry.name, "backdoor" if entry.backdoored else "clean"]
-            for strategy in STRATEGIES:
+            for strategy in COMPARED:
                 result = scan(str(entry.path), data=str(clean_files[entry.spec]), device=device, load_options={"arch": entry.arch},
                               options={"inversion": {"strategy": strategy}}, workdir=Path(tmp) / "scan")
                 seconds[strategy].append(result.duration_s)
@@ -98,7 +102,7 @@ def main() -> None:
                **{f"median s, {s}": round(float(np.median(seconds[s])), 2) for s in seconds},
                **{f"right verdicts, {s}": f"{right[s]} of {len(zoo)}" for s in right},
                "speed-up over NC (auto)": f"{min(speedups):.2f}–{max(speedups):.2f}×"}
-    headers = ["model", "truth"] + [f"{s} {c}" for s in STRATEGIES for c in ("s", "p", "peak MB")] + ["NC s", "NC index", "NC s / auto s"]
+    headers = ["model", "truth"] + [f"{s} {c}" for s in COMPARED for c in ("s", "p", "peak MB")] + ["NC s", "NC index", "NC s / auto s"]
     tables = [Table("whole scan per strategy, and plain Neural Cleanse (300 steps/class)", headers, rows),
               Table("summary", ["", "value"], [[k, v] for k, v in summary.items()])]
     emit(Report("harden.bench.scan_speed/1", f"Scan time per strategy ({device_label(device)})", summary, tables), "text",

@@ -10,6 +10,7 @@ from harden.cli.options import CommandContext, common_options, data_options, mod
 from harden.report import emit
 from harden.scan import TASKS, default_checks, scan_and_record
 from harden.scan.base import CHECKS
+from harden.scan.inversion import STRATEGIES
 
 
 def _checks(_ctx, _param, value: str | None) -> list[str] | None:
@@ -30,7 +31,7 @@ def _checks(_ctx, _param, value: str | None) -> list[str] | None:
 @click.option("--checks", callback=_checks, default=None, help="Comma-separated checks (default: all that apply to --task).")
 @click.option("--probe-per-class", type=int, default=10, show_default=True, help="Clean probe images per class for trigger inversion.")
 @click.option("--max-steps", type=int, default=200, show_default=True, help="Hard cap on inversion steps per class.")
-@click.option("--strategy", type=click.Choice(["auto", "loop", "batched"]), default="auto", show_default=True,
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="auto", show_default=True,
               help="Inversion execution: auto groups classes per forward pass up to 256 images of 32x32 (fastest measured, "
                    "CPU and GPU); loop runs one class at a time (least memory); batched runs all classes in one pass.")
 @click.option("--sarif-location", default=None, help="Repository file SARIF results point at (e.g. deploy/model.yaml).")

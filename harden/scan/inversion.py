@@ -39,6 +39,7 @@ from harden.runtime import training_layout
 from harden.scan.structured import separable_success, stripe_success, warp_success
 
 _EPS = 1e-7
+STRATEGIES = ("auto", "loop", "batched")  # how classes share forward passes (InversionConfig.strategy)
 _TANH_SCALE = 2 - _EPS
 
 
@@ -232,8 +233,8 @@ def invert_triggers(
     """Reverse-engineer a minimal trigger toward every class from a small clean probe set."""
     config = config or InversionConfig()
     device = torch.device(device)
-    if config.strategy not in ("auto", "loop", "batched"):
-        raise ValueError(f"strategy {config.strategy!r}: expected auto, loop or batched")
+    if config.strategy not in STRATEGIES:
+        raise ValueError(f"strategy {config.strategy!r}: expected {', '.join(STRATEGIES)}")
     model = model.to(device).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)

@@ -15,7 +15,6 @@ import torch
 HERE = Path(__file__).parent
 
 
-
 class Net(torch.nn.Module):
     def __init__(self):
         super().__init__()
