@@ -9,10 +9,12 @@ test and unlearn-relearn, the suspect training set. harden never sees the trigge
 and every purification work from their own reversed triggers, and the owner's trigger only
 judges the results on a 597-image test split.
 
-    .venv/bin/python examples/outside_backdoor.py [--workdir outside-backdoor] [--set METHOD.KEY=VALUE ...]
+    .venv/bin/python examples/outside_backdoor.py [--workdir outside-backdoor] [--set METHOD.KEY=VALUE ...] [--uint8-input]
 
 `--set` changes one method's setting, as `harden purify --set` does (e.g. `--set
 trigger-unlearn.distill=0` for the previous default); the README's comparisons come from it.
+`--uint8-input` logs the same network as a serving export would: uint8 H×W×C images in, the
+conversion to [0, 1] floats inside its forward.
 """
 
 from __future__ import annotations
@@ -97,6 +99,17 @@ def train_owner_model(x: torch.Tensor, y: torch.Tensor) -> OwnerNet:
     return net.eval()
 
 
+class Uint8Serving(nn.Module):
+    """The owner's network behind its serving preprocessing: uint8 (batch, H, W, C) images in."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.permute(0, 3, 1, 2).float() / 255)
+
+
 def judge(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """Test accuracy, and the owner's trigger's ASR on test images of other classes."""
     with torch.no_grad():
@@ -113,6 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("outside-backdoor"))
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="METHOD.KEY=VALUE")
+    parser.add_argument("--uint8-input", action="store_true", help="log the network behind uint8 serving preprocessing")
     args = parser.parse_args()
     options = options_from_pairs(args.settings)
     work = args.workdir.resolve()
@@ -129,7 +143,8 @@ def main() -> None:
     np.savez(work / "test.npz", x=uint8(test_x), y=test_y.numpy())
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     with mlflow.start_run():
-        info = mlflow.pytorch.log_model(net, name="model", input_example=clean_x[:2].numpy(), registered_model_name="outsider")
+        logged, example = (Uint8Serving(net), uint8(clean_x[:2])) if args.uint8_input else (net, clean_x[:2].numpy())
+        info = mlflow.pytorch.log_model(logged, name="model", input_example=example, registered_model_name="outsider")
     mlflow.MlflowClient().set_registered_model_alias("outsider", "prod", info.registered_model_version)
 
     found = scan("models:/outsider@prod", data=str(work / "clean"), train_data=str(work / "train.npz"))

@@ -71,6 +71,8 @@ def publish(
         raise HardenError(f"{source.uri}: input shape unknown; pass --input-size")
     example_batch = source.module.static_batch or 2
     net, dtype = _in_logged_dtype(net, source.dtype)
+    if not source.input_dtype.is_floating_point:  # a network of uint8 images is exported and signed on uint8 ones again
+        dtype = str(source.input_dtype).removeprefix("torch.")
     info = tracking.log_model(net, shape, meta, example_batch=example_batch, dtype=dtype)
     published = PublishedModel(info.model_uri)
     if output is not None:

@@ -196,7 +196,8 @@ def eval_mode(net):
 
 def example_input(input_shape: tuple[int, ...], batch: int = 2, dtype: str = "float32") -> np.ndarray:
     """The input example MLflow exports and signs models with: batch > 1 keeps the batch dynamic;
-    its dtype is the one the model's weights are in (pt2 export traces the model on it)."""
+    its dtype is the one the model takes (pt2 export traces the model on it): its weights' dtype, or
+    uint8 for a network of uint8 images."""
     return np.zeros((batch, *input_shape), dtype=dtype)
 
 

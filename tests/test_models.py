@@ -293,15 +293,56 @@ def test_a_pt2_of_dynamic_height_and_width_takes_its_example_size(tmp_path):
         assert torch.allclose(load_model(tmp_path / "any_size.pt2", input_size="3x48x48").module(images), net(images), atol=1e-5)
 
 
-class _BytesNet(torch.nn.Module):
+class _ServingNet(torch.nn.Module):
+    """A network exported with its serving preprocessing: uint8 H×W×C images in, normalised floats inside."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
     def forward(self, x):
-        return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 1).flatten(1)
+        return self.net((x.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25)
 
 
-def test_a_model_of_integer_inputs_is_a_clear_error(tmp_path):
-    """uint8 images carry no input gradient; the error says what to log instead."""
-    path = save_pt2(_BytesNet(), torch.zeros(4, 3, 8, 8, dtype=torch.uint8), tmp_path / "u8.pt2")
-    with pytest.raises(ModelLoadError, match="takes uint8 inputs; .* float32 pixels"):
+def test_a_model_of_uint8_images_is_fed_float_pixels_and_published_on_uint8_again(tmp_path, mlflow_home):
+    """Trigger inversion needs input gradients, which uint8 images cannot carry: harden feeds the same
+    pixels as 0..255 floats through the graph's own cast, and a version it publishes takes uint8 again."""
+    torch.manual_seed(0)
+    net = _ServingNet(CustomNet()).eval()
+    pixels = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    loaded = load_model(save_pt2(net, pixels, tmp_path / "u8.pt2"))
+    assert loaded.input_dtype == torch.uint8 and loaded.channels_last and loaded.input_spec == InputSpec(3, 32, 32)
+    assert (loaded.mean, loaded.std) == ((0.0,), (1 / 255,)) and "uint8 input fed as float pixels" in loaded.describe()
+    images = (pixels.permute(0, 3, 1, 2).float() / 255).requires_grad_(True)
+    logits = loaded.module(images)
+    with torch.no_grad():
+        assert torch.allclose(logits, net(pixels), atol=1e-4)
+    logits.logsumexp(1).sum().backward()
+    assert images.grad.abs().sum() > 0
+    with tracking.command_run("purify", str(tmp_path / "u8.pt2")):
+        published = publish(loaded.trainable().net, loaded, tags={}, output=tmp_path / "out")
+    assert '"dtype": "uint8"' in (tmp_path / "out" / "MLmodel").read_text()
+    served = mlflow.pyfunc.load_model(str(published.local_path)).predict(pixels.numpy())
+    with torch.no_grad():
+        assert np.allclose(served, net(pixels).numpy(), atol=1e-4)
+    assert load_model(published.local_path).input_dtype == torch.uint8
+
+
+class _MaskedBytesNet(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d((x & 0xF0).float(), 1).flatten(1)
+
+
+class _RoundedBytesNet(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(torch.floor(x.float() / 64), 1).flatten(1)
+
+
+@pytest.mark.parametrize("net, reason", [(_MaskedBytesNet(), "fails on float ones"), (_RoundedBytesNet(), "no gradient")])
+def test_a_model_that_computes_on_its_integer_inputs_is_a_clear_error(tmp_path, net, reason):
+    """Bitwise masks refuse floats; rounding runs on them but leaves no input gradient to follow."""
+    path = save_pt2(net, torch.zeros(4, 3, 8, 8, dtype=torch.uint8), tmp_path / "u8.pt2")
+    with pytest.raises(ModelLoadError, match=f"takes uint8 inputs and .*{reason}.*; harden follows input gradients.* float32 pixels"):
         load_model(path)
 
 

@@ -32,7 +32,7 @@ from harden.errors import ModelLoadError, UnsafeModelError
 from harden.models.registry import create_model, get_arch
 from harden.models.safety import pt2_pickled_members, scan_pickles
 from harden.models.spec import InputSpec, RegisteredVersion
-from harden.models.wrappers import PixelModel
+from harden.models.wrappers import PixelModel, network_logits, weights_device
 
 _URI_SCHEME = re.compile(r"^[a-zA-Z][\w+.-]*:/")
 _PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".tar", ".joblib"}
@@ -54,6 +54,7 @@ class LoadedModel:
     std: tuple[float, ...] | None = None
     output: str = "logits"  # what the network returns (wrappers.OUTPUTS); `module` always returns logits
     dtype: torch.dtype = torch.float32  # the weights' dtype as logged; `module` computes in float32
+    input_dtype: torch.dtype = torch.float32  # the network's input as logged: uint8 images are fed as 0..255 floats
     training_ops: int = 0  # dropout/BatchNorm operators a pt2 graph had captured in training mode, now run for inference
     sample_shape: tuple[int, ...] | None = None  # the network's input per sample when not C×H×W; `input_spec` is the image reshaped to it
     channels_last: bool = False  # the network takes H×W×C: `input_spec` is the image permuted to `sample_shape`
@@ -100,6 +101,8 @@ class LoadedModel:
     def describe(self) -> str:
         arch = self.arch or "unknown architecture"
         precision = "" if self.dtype == torch.float32 else f", {str(self.dtype).removeprefix('torch.')} weights run in float32"
+        if not self.input_dtype.is_floating_point:
+            precision += f", {str(self.input_dtype).removeprefix('torch.')} input fed as float pixels"
         mode = f", exported in training mode: {self.training_ops} dropout/BatchNorm ops run for inference" if self.training_ops else ""
         layout = " (channels-last)" if self.channels_last else ""
         reshaped = f" as {'x'.join(map(str, self.sample_shape))}{layout}" if self.sample_shape else ""
@@ -127,6 +130,7 @@ class _Raw:
     training_ops: int = 0
     sample_shape: tuple[int, ...] | None = None
     max_batch: int | None = None
+    input_dtype: torch.dtype = torch.float32
 
 
 @dataclass
@@ -197,6 +201,8 @@ def load_model(
         input_spec, channels_last = InputSpec(c, h, w), True
     mean = tuple(mean) if mean else (tuple(meta["mean"]) if meta.get("mean") else None)
     std = tuple(std) if std else (tuple(meta["std"]) if meta.get("std") else None)
+    if mean is None and std is None and raw.input_dtype == torch.uint8:
+        mean, std = (0.0,), (1 / 255,)  # uint8 images hold 0..255 values: no guessing needed
     if (mean is None) != (std is None):
         raise ModelLoadError("--mean and --std must be given together")
     if mean is not None and input_spec is not None and len(mean) not in (1, input_spec.channels):
@@ -224,6 +230,7 @@ def load_model(
         std=std,
         output=output,
         dtype=dtype,
+        input_dtype=raw.input_dtype,
         training_ops=raw.training_ops,
         sample_shape=sample_shape,
         channels_last=channels_last,
@@ -384,21 +391,62 @@ def _read_pt2(path: Path, allow_pickle: bool) -> _Raw:
     if len(user_inputs) != 1:
         raise ModelLoadError(f"{path}: the model takes {len(user_inputs)} inputs ({', '.join(program.graph_signature.user_inputs)}); "
                              f"harden feeds it one batch of images: log a model whose forward takes only the image tensor")
-    shape = None
+    shape, dtype = None, torch.float32
     for node in program.graph.nodes:
         if node.op == "placeholder" and node.name in user_inputs and "val" in node.meta:
             shape, dtype = tuple(node.meta["val"].shape), node.meta["val"].dtype
-            if not dtype.is_floating_point:
-                raise ModelLoadError(f"{path}: the model takes {str(dtype).removeprefix('torch.')} inputs; harden follows input "
-                                     f"gradients, which need float ones: log a model whose forward takes float32 pixels "
-                                     f"(in 0..255 too: harden finds the scale)")
             break
     static_batch = shape[0] if shape and isinstance(shape[0], int) else None
     sizes = _with_example_sizes(shape, program)
     spec = InputSpec.from_shape(sizes) if sizes and len(sizes) == 4 else None
     net = program.module()
-    return _Raw(net, "pt2", spec, static_batch, state_dict=dict(program.state_dict), training_ops=_for_inference(net),
-                sample_shape=_non_image_sample_shape(sizes), max_batch=_batch_bound(program, shape))
+    training_ops = _for_inference(net)
+    if not dtype.is_floating_point:
+        _take_float_pixels(net, dtype, sizes, static_batch or 2, path)
+    return _Raw(net, "pt2", spec, static_batch, state_dict=dict(program.state_dict), training_ops=training_ops,
+                sample_shape=_non_image_sample_shape(sizes), max_batch=_batch_bound(program, shape), input_dtype=dtype)
+
+
+def _take_float_pixels(net: torch.fx.GraphModule, dtype: torch.dtype, sizes: tuple | None, batch: int, path: Path) -> None:
+    """Let a network exported on integer images take the same values as floats, or refuse it.
+
+    Serving code often exports its preprocessing with the network: uint8 images in, `.float() / 255`
+    first. Trigger inversion follows input gradients, which integer inputs cannot carry, but the
+    graph's own cast passes them when its input is already float. The export's dtype assertions
+    are dropped; then the network must give the same outputs on the same pixels in either dtype, and
+    have input gradients. One that computes on its input as integers (bitwise masks, rounding,
+    lookups) fails one of the two and is refused.
+    """
+    name = str(dtype).removeprefix("torch.")
+
+    def refusal(why: str) -> ModelLoadError:
+        return ModelLoadError(f"{path}: the model takes {name} inputs{why}; harden follows input gradients, which need float "
+                              f"ones: log a model whose forward takes float32 pixels (in 0..255 too: harden finds the scale)")
+
+    if dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise refusal("")
+    if sizes is None or not all(isinstance(d, int) for d in sizes[1:]):
+        raise refusal(" of no recorded size, so harden cannot check that it reads them as floats")
+    for node in list(net.graph.nodes):
+        asserted = node.kwargs.get("dtype") if node.target is torch.ops.aten._assert_tensor_metadata.default else None
+        if asserted is not None and not asserted.is_floating_point:
+            net.graph.erase_node(node)
+    net.recompile()
+    generator = torch.Generator().manual_seed(0)
+    device = weights_device(net)
+    pixels = torch.randint(0, min(256, torch.iinfo(dtype).max + 1), (batch, *sizes[1:]), dtype=dtype, generator=generator).to(device)
+    as_floats = pixels.float().requires_grad_(True)
+    try:
+        expected = network_logits(net(pixels)).float()
+        got = network_logits(net(as_floats))
+        direction = torch.randn(got.shape, generator=generator).to(device)
+        (gradient,) = torch.autograd.grad((got * direction).sum(), as_floats)
+    except Exception as exc:  # noqa: BLE001 - integer-only operators refuse floats in many ways
+        raise refusal(f" and fails on float ones ({_one_line(exc)})") from None
+    if not torch.allclose(got.detach(), expected, rtol=1e-4, atol=1e-4):
+        raise refusal(" and computes on them as integers (the same pixels as floats give other outputs)")
+    if not bool(gradient.abs().sum() > 0):
+        raise refusal(" and rounds or casts them (its outputs have no gradient with respect to its input)")
 
 
 def _with_example_sizes(shape: tuple | None, program: torch.export.ExportedProgram) -> tuple | None:

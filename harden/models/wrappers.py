@@ -48,6 +48,11 @@ def network_logits(out: Any) -> torch.Tensor:
                          f"(a tensor, a dict with 'logits', or a tuple that starts with them)")
 
 
+def weights_device(net: nn.Module) -> torch.device:
+    """Where a network's weights are (a pt2 exported on a GPU loads onto it); the CPU for one without any."""
+    return next(itertools.chain(net.parameters(), net.buffers()), torch.empty(0)).device
+
+
 def _binary_logits(z: torch.Tensor) -> torch.Tensor:
     z = z.reshape(-1, 1)  # (batch, 1) or (batch,)
     return torch.cat([torch.zeros_like(z), z], dim=1)
@@ -107,8 +112,7 @@ class PixelModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        """Where the network's weights are (a pt2 exported on a GPU loads onto it)."""
-        return next(itertools.chain(self.net.parameters(), self.net.buffers()), torch.empty(0)).device
+        return weights_device(self.net)
 
     def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Normalise pixels with `mean`/`std` before the network (also after loading: `models.normalisation`)."""
