@@ -328,6 +328,18 @@ def test_a_model_of_uint8_images_is_fed_float_pixels_and_published_on_uint8_agai
     assert load_model(published.local_path).input_dtype == torch.uint8
 
 
+def test_a_pickled_mlflow_model_signed_on_uint8_images_is_fed_float_pixels(tmp_path):
+    """A pickled module carries no input dtype; its MLflow signature does, and the same checks apply."""
+    torch.manual_seed(0)
+    net = _ServingNet(CustomNet()).eval()
+    pixels = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    mlflow.pytorch.save_model(net, str(tmp_path / "model"), serialization_format="pickle", input_example=pixels.numpy())
+    loaded = load_model(tmp_path / "model", allow_pickle=True)
+    assert loaded.format == "pickle" and loaded.input_dtype == torch.uint8 and loaded.std == (1 / 255,)
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(pixels.permute(0, 3, 1, 2).float() / 255), net(pixels), atol=1e-4)
+
+
 class _MaskedBytesNet(torch.nn.Module):
     def forward(self, x):
         return torch.nn.functional.adaptive_avg_pool2d((x & 0xF0).float(), 1).flatten(1)

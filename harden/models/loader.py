@@ -344,7 +344,7 @@ def _read_mlflow_dir(path: Path, *, allow_pickle: bool) -> _Raw:
         raise ModelLoadError(f"{path}/MLmodel is not readable: {exc}") from None
     flavors = (mlmodel or {}).get("flavors") or {}
     metadata = ((mlmodel or {}).get("metadata") or {}).get("harden") or {}
-    signature_shape = _signature_input_shape(mlmodel or {})
+    signature_shape, signature_dtype = _signature_input(mlmodel or {})
     if "pytorch" not in flavors:
         raise ModelLoadError(f"{path}: MLflow model has flavors {sorted(flavors)}, harden needs the pytorch flavor")
     data_dir = path / (flavors["pytorch"].get("model_data") or "data")
@@ -360,6 +360,9 @@ def _read_mlflow_dir(path: Path, *, allow_pickle: bool) -> _Raw:
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(f"{path}: pickled MLflow model failed to load: {_one_line(exc)}") from None
         raw = _Raw(net, "pickle")
+        if signature_dtype == "uint8" and signature_shape:  # a pickled module holds no dtype: its signature tells
+            _take_float_pixels(net.eval(), torch.uint8, tuple(signature_shape), 2, path)
+            raw.input_dtype = torch.uint8
     else:
         raise ModelLoadError(f"{path}: no model.pt2 or model.pth under {data_dir.name}/")
     raw.metadata = metadata
@@ -369,13 +372,15 @@ def _read_mlflow_dir(path: Path, *, allow_pickle: bool) -> _Raw:
     return raw
 
 
-def _signature_input_shape(mlmodel: dict) -> list[Any] | None:
+def _signature_input(mlmodel: dict) -> tuple[list[Any] | None, str | None]:
+    """The shape and dtype name of the tensor an MLflow signature's first input declares, or Nones."""
     inputs = ((mlmodel.get("signature") or {}).get("inputs")) or "[]"
     try:
         columns = yaml.safe_load(inputs) if isinstance(inputs, str) else inputs
-        return list(columns[0]["tensor-spec"]["shape"])
+        spec = columns[0]["tensor-spec"]
+        return list(spec["shape"]), spec.get("dtype")
     except (KeyError, IndexError, TypeError, yaml.YAMLError):
-        return None
+        return None, None
 
 
 def _read_pt2(path: Path, allow_pickle: bool) -> _Raw:
@@ -407,12 +412,12 @@ def _read_pt2(path: Path, allow_pickle: bool) -> _Raw:
                 sample_shape=_non_image_sample_shape(sizes), max_batch=_batch_bound(program, shape), input_dtype=dtype)
 
 
-def _take_float_pixels(net: torch.fx.GraphModule, dtype: torch.dtype, sizes: tuple | None, batch: int, path: Path) -> None:
-    """Let a network exported on integer images take the same values as floats, or refuse it.
+def _take_float_pixels(net: nn.Module, dtype: torch.dtype, sizes: tuple | None, batch: int, path: Path) -> None:
+    """Let a network logged on integer images take the same values as floats, or refuse it.
 
     Serving code often exports its preprocessing with the network: uint8 images in, `.float() / 255`
     first. Trigger inversion follows input gradients, which integer inputs cannot carry, but the
-    graph's own cast passes them when its input is already float. The export's dtype assertions
+    network's own cast passes them when its input is already float. A pt2 graph's dtype assertions
     are dropped; then the network must give the same outputs on the same pixels in either dtype, and
     have input gradients. One that computes on its input as integers (bitwise masks, rounding,
     lookups) fails one of the two and is refused.
@@ -427,11 +432,12 @@ def _take_float_pixels(net: torch.fx.GraphModule, dtype: torch.dtype, sizes: tup
         raise refusal("")
     if sizes is None or not all(isinstance(d, int) for d in sizes[1:]):
         raise refusal(" of no recorded size, so harden cannot check that it reads them as floats")
-    for node in list(net.graph.nodes):
-        asserted = node.kwargs.get("dtype") if node.target is torch.ops.aten._assert_tensor_metadata.default else None
-        if asserted is not None and not asserted.is_floating_point:
-            net.graph.erase_node(node)
-    net.recompile()
+    if isinstance(net, torch.fx.GraphModule):
+        for node in list(net.graph.nodes):
+            asserted = node.kwargs.get("dtype") if node.target is torch.ops.aten._assert_tensor_metadata.default else None
+            if asserted is not None and not asserted.is_floating_point:
+                net.graph.erase_node(node)
+        net.recompile()
     generator = torch.Generator().manual_seed(0)
     device = weights_device(net)
     pixels = torch.randint(0, min(256, torch.iinfo(dtype).max + 1), (batch, *sizes[1:]), dtype=dtype, generator=generator).to(device)
