@@ -155,6 +155,8 @@ def test_torchscript_and_pt2_files(tmp_path):
     torch.jit.trace(net, example).save(str(tmp_path / "m.ts"))
     loaded = load_model(tmp_path / "m.ts", input_size="3x32x32")
     assert loaded.format == "torchscript" and loaded.num_classes == 10
+    with pytest.raises(ModelLoadError, match=r"does not accept input 1x32x32: .*to have 3 channels"):  # the interpreter's last line
+        load_model(tmp_path / "m.ts", input_size="1x32x32")
     batch = torch.export.Dim("batch", min=2, max=512)
     torch.export.save(torch.export.export(net, (example,), dynamic_shapes=({0: batch},)), str(tmp_path / "m.pt2"))
     loaded = load_model(tmp_path / "m.pt2")
@@ -398,6 +400,58 @@ def test_a_model_whose_output_wraps_its_logits_is_read_and_published_as_it_was(t
     assert type(republished.module.net(example)) is type(net(example))  # the owner's output, not harden's logits
     with torch.no_grad():
         assert torch.allclose(republished.module(example), loaded.module(example), atol=1e-5)
+
+
+class _FeaturesFirstNet(CustomNet):
+    """Returns (features, logits), in that order."""
+
+    def forward(self, x):
+        return torch.relu(self.squash(torch.relu(self.norm(self.stem(x))))).flatten(1), super().forward(x)
+
+
+def test_a_features_first_tuple_is_read_by_the_width_its_mlflow_signature_declares(tmp_path, mlflow_home):
+    """MLflow cannot infer the signature of a tuple-returning model: its owner writes the output down,
+    and that width says which element is the logits. harden's own versions record the element."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    torch.manual_seed(0)
+    net = _FeaturesFirstNet().eval()
+    example = torch.rand(4, 3, 32, 32)
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, 32, 32))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]))
+    mlflow.pytorch.save_model(net, str(tmp_path / "model"), input_example=example.numpy(), signature=signature)
+    loaded = load_model(tmp_path / "model")
+    assert loaded.num_classes == 10 and "logits: element 1 of its output tuple" in loaded.describe()
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(example), CustomNet.forward(net, example), atol=1e-5)
+    with tracking.command_run("purify", str(tmp_path / "model")):
+        published = publish(loaded.trainable().net, loaded, tags={}, output=tmp_path / "out")
+    republished = load_model(published.local_path)
+    with torch.no_grad():
+        assert republished.num_classes == 10 and torch.allclose(republished.module(example), loaded.module(example), atol=1e-5)
+
+
+_NAMEDTUPLE_EXPORT = """
+import collections, sys, torch
+import torch.utils._pytree as pytree
+Out = collections.namedtuple("Out", ["logits", "features"])
+pytree._register_namedtuple(Out, serialized_type_name="owner.Out")
+class Net(torch.nn.Module):
+    def forward(self, x):
+        return Out(x.flatten(1)[:, :10], x.flatten(1))
+torch.export.save(torch.export.export(Net(), (torch.rand(2, 3, 8, 8),)), sys.argv[1])
+"""
+
+
+def test_an_output_type_registered_only_where_the_model_was_exported_is_named_in_the_error(tmp_path):
+    """torch.export.load only logs why it cannot rebuild such an archive; harden's error says it."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", _NAMEDTUPLE_EXPORT, str(tmp_path / "m.pt2")], check=True)
+    with pytest.raises(ModelLoadError, match=r"namedtuple class owner.Out .*: log one that returns a tensor, a tuple or a dict"):
+        load_model(tmp_path / "m.pt2")
 
 
 def test_a_dict_output_without_logits_is_a_clear_error(tmp_path):

@@ -421,6 +421,15 @@ def test_data_the_model_gets_wrong_is_refused_before_any_work(demo, run_cli, tmp
     assert registry_snapshot() == before_versions
 
 
+def test_a_torchscript_model_is_refused_before_any_work(demo, run_cli, tmp_path):
+    """TorchScript cannot be copied for training; the refusal comes before minutes of trigger reversal."""
+    net = torch.jit.trace(CustomNet().eval(), torch.rand(2, 3, 32, 32))
+    net.save(str(tmp_path / "m.ts"))
+    code, _, err = run_cli("purify", tmp_path / "m.ts", "--input-size", "3x32x32", "--data", demo.data_dir / "clean.npz", "-q",
+                           "--set", "inversion.max_steps=1000")
+    assert code == 2 and "a torchscript model cannot be trained; pass --arch" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_clean_data_missing_a_class_is_refused_before_any_work(demo, run_cli, tmp_path):
     """The guardrail measures accuracy on the clean data's classes only; a class it has no images of could be forgotten unseen."""
     clean = np.load(demo.data_dir / "clean.npz")

@@ -15,6 +15,7 @@ import inspect
 import io
 import itertools
 import json
+import logging
 import math
 import re
 import tempfile
@@ -72,18 +73,22 @@ class LoadedModel:
         gradients like any module's (its BatchNorm layers keep their exported eval
         statistics), and a pickled module (loaded only with --allow-pickle) is copied.
         """
+        self.require_trainable()
         static_batch = None
         if self.arch is not None:
             net = create_model(self.arch, num_classes=self.num_classes, **self.arch_kwargs)
             _load_weights(net, self._state_dict if self._state_dict is not None else self.module.net.state_dict(), self.uri, self.arch)
-        elif self.format in ("pt2", "pickle"):
-            net, static_batch = copy.deepcopy(self.module.net), self.module.static_batch
         else:
-            raise ModelLoadError(f"{self.uri}: a {self.format} model cannot be trained; pass --arch (see `harden list archs`)")
+            net, static_batch = copy.deepcopy(self.module.net), self.module.static_batch
         for param in net.parameters():
             param.requires_grad_(True)
         return PixelModel(net, self.mean, self.std, static_batch, self.output, sample_shape=self.sample_shape, max_batch=self.module.max_batch,
-                          channels_last=self.channels_last)
+                          channels_last=self.channels_last, logits_element=self.module.logits_element)
+
+    def require_trainable(self) -> None:
+        """Refuse a model `trainable` cannot copy, before any work that would need it."""
+        if self.arch is None and self.format not in ("pt2", "pickle"):
+            raise ModelLoadError(f"{self.uri}: a {self.format} model cannot be trained; pass --arch (see `harden list archs`)")
 
     def harden_metadata(self) -> dict[str, Any]:
         """What harden records in the MLmodel metadata of models it writes."""
@@ -95,6 +100,7 @@ class LoadedModel:
             "mean": list(self.mean) if self.mean else None,
             "std": list(self.std) if self.std else None,
             "class_names": self.class_names,
+            "logits_element": self.module.logits_element or None,
             "source_model_uri": self.registered.uri if self.registered else self.uri,
         }
 
@@ -105,6 +111,8 @@ class LoadedModel:
             precision += f", {str(self.input_dtype).removeprefix('torch.')} input fed as float pixels"
         mode = f", exported in training mode: {self.training_ops} dropout/BatchNorm ops run for inference" if self.training_ops else ""
         layout = " (channels-last)" if self.channels_last else ""
+        if self.module.logits_element:
+            precision += f", logits: element {self.module.logits_element} of its output tuple"
         reshaped = f" as {'x'.join(map(str, self.sample_shape))}{layout}" if self.sample_shape else ""
         outputs = f"{self.num_classes}-d embeddings" if self.output == "embedding" else f"{self.num_classes} classes"
         return f"{self.uri} ({self.format}, {arch}, {outputs}, input {self.input_spec or '?'}{reshaped}{precision}{mode})"
@@ -131,6 +139,7 @@ class _Raw:
     sample_shape: tuple[int, ...] | None = None
     max_batch: int | None = None
     input_dtype: torch.dtype = torch.float32
+    output_width: int | None = None  # the MLflow signature's (batch, width) output, when it declares one
 
 
 @dataclass
@@ -210,6 +219,10 @@ def load_model(
 
     net, dtype = _in_float32(raw.net)
     module = PixelModel(net, mean, std, raw.static_batch, sample_shape=sample_shape, max_batch=raw.max_batch, channels_last=channels_last).eval()
+    if meta.get("logits_element") is not None:
+        module.logits_element = int(meta["logits_element"])
+    elif not embedding:
+        module.logits_element = _logits_element(module, input_spec, raw.static_batch, raw.output_width)
     out_classes, output = _probe_outputs(module, input_spec, raw.static_batch, embedding)
     module.output = output
     if not embedding and num_classes is not None and out_classes is not None and num_classes != out_classes:
@@ -288,6 +301,27 @@ def _in_float32(net: nn.Module) -> tuple[nn.Module, torch.dtype]:
     return (net if dtype == torch.float32 else net.to(torch.float32)), dtype
 
 
+def _logits_element(module: PixelModel, spec: InputSpec | None, static_batch: int | None, width: int | None) -> int:
+    """Which element of a tuple output holds the logits: the first, as most training code returns
+    (logits, features), unless the MLflow signature declares an output width that the first element
+    lacks and a later one has: (features, logits). MLflow cannot infer a tuple-returning pt2 model's
+    signature, so whoever logged one wrote its output down."""
+    if width is None or spec is None:
+        return 0
+    probe = torch.zeros(static_batch or 2, *spec.shape, device=module.device)
+    try:
+        with torch.no_grad():
+            out = module.net(module.network_input(probe))
+    except Exception:  # noqa: BLE001 - _probe_outputs reports what does not run
+        return 0
+    if not isinstance(out, (tuple, list)):
+        return 0
+    widths = [t.shape[-1] if isinstance(t, torch.Tensor) and t.ndim == 2 else None for t in out]
+    if not widths or widths[0] == width:
+        return 0
+    return next((i for i, w in enumerate(widths) if w == width), 0)
+
+
 def _probe_outputs(module: PixelModel, spec: InputSpec | None, static_batch: int | None, embedding: bool = False) -> tuple[int | None, str]:
     """Forward passes on zeros, ones and noise: checks the model runs, and reads its number of
     classes and what it returns (`wrappers.OUTPUTS`): probabilities when every row is non-negative
@@ -306,7 +340,7 @@ def _probe_outputs(module: PixelModel, spec: InputSpec | None, static_batch: int
     except ModelLoadError:
         raise  # the model ran, but its output holds no logits
     except Exception as exc:  # noqa: BLE001 - any failure here means "input does not fit"
-        raise ModelLoadError(f"model does not accept input {spec}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise ModelLoadError(f"model does not accept input {spec}: {_one_line(exc)}") from None
     out = outputs[0]
     if embedding:
         if out.shape[1] < 2:
@@ -344,7 +378,8 @@ def _read_mlflow_dir(path: Path, *, allow_pickle: bool) -> _Raw:
         raise ModelLoadError(f"{path}/MLmodel is not readable: {exc}") from None
     flavors = (mlmodel or {}).get("flavors") or {}
     metadata = ((mlmodel or {}).get("metadata") or {}).get("harden") or {}
-    signature_shape, signature_dtype = _signature_input(mlmodel or {})
+    signature_shape, signature_dtype = _signature_tensor(mlmodel or {}, "inputs")
+    output_shape, _ = _signature_tensor(mlmodel or {}, "outputs")
     if "pytorch" not in flavors:
         raise ModelLoadError(f"{path}: MLflow model has flavors {sorted(flavors)}, harden needs the pytorch flavor")
     data_dir = path / (flavors["pytorch"].get("model_data") or "data")
@@ -366,17 +401,20 @@ def _read_mlflow_dir(path: Path, *, allow_pickle: bool) -> _Raw:
     else:
         raise ModelLoadError(f"{path}: no model.pt2 or model.pth under {data_dir.name}/")
     raw.metadata = metadata
+    if output_shape is not None and len(output_shape) == 2 and isinstance(output_shape[1], int) and output_shape[1] > 0:
+        raw.output_width = output_shape[1]
     if signature_shape is not None:
         raw.input_spec = raw.input_spec or InputSpec.from_shape(signature_shape)
         raw.sample_shape = raw.sample_shape or _non_image_sample_shape(signature_shape)
     return raw
 
 
-def _signature_input(mlmodel: dict) -> tuple[list[Any] | None, str | None]:
-    """The shape and dtype name of the tensor an MLflow signature's first input declares, or Nones."""
-    inputs = ((mlmodel.get("signature") or {}).get("inputs")) or "[]"
+def _signature_tensor(mlmodel: dict, side: str) -> tuple[list[Any] | None, str | None]:
+    """The shape and dtype name of the tensor an MLflow signature's first input (`side` "inputs") or
+    output ("outputs") declares, or Nones."""
+    declared = ((mlmodel.get("signature") or {}).get(side)) or "[]"
     try:
-        columns = yaml.safe_load(inputs) if isinstance(inputs, str) else inputs
+        columns = yaml.safe_load(declared) if isinstance(declared, str) else declared
         spec = columns[0]["tensor-spec"]
         return list(spec["shape"]), spec.get("dtype")
     except (KeyError, IndexError, TypeError, yaml.YAMLError):
@@ -387,11 +425,15 @@ def _read_pt2(path: Path, allow_pickle: bool) -> _Raw:
     if not zipfile.is_zipfile(path):
         raise ModelLoadError(f"{path}: not a readable torch.export (.pt2) archive (not a zip file)")
     _require_plain_pt2(path, allow_pickle)
+    causes = _LoggedErrors("torch.export")
     try:
-        with tempfile.TemporaryDirectory(prefix="harden-pt2-") as scratch:
+        with tempfile.TemporaryDirectory(prefix="harden-pt2-") as scratch, causes:
             program = torch.export.load(str(_devices_this_machine_has(path, Path(scratch))))
     except Exception as exc:  # noqa: BLE001 - corrupt archives raise many types
-        raise ModelLoadError(f"{path}: not a readable torch.export (.pt2) archive: {_one_line(exc)}") from None
+        reason = _one_line(causes.errors[-1] if causes.errors else exc)
+        if "TreeSpec" in reason:
+            reason += " (its output type exists only where the model was exported: log one that returns a tensor, a tuple or a dict)"
+        raise ModelLoadError(f"{path}: not a readable torch.export (.pt2) archive: {reason}") from None
     user_inputs = set(program.graph_signature.user_inputs)
     if len(user_inputs) != 1:
         raise ModelLoadError(f"{path}: the model takes {len(user_inputs)} inputs ({', '.join(program.graph_signature.user_inputs)}); "
@@ -453,6 +495,35 @@ def _take_float_pixels(net: nn.Module, dtype: torch.dtype, sizes: tuple | None, 
         raise refusal(" and computes on them as integers (the same pixels as floats give other outputs)")
     if not bool(gradient.abs().sum() > 0):
         raise refusal(" and rounds or casts them (its outputs have no gradient with respect to its input)")
+
+
+class _LoggedErrors(logging.Handler):
+    """Collects the exceptions a library logs (and does not raise) while in use as a context manager.
+
+    `torch.export.load` logs why it cannot rebuild an archive (an output type registered in the
+    exporting process only, such as a namedtuple or dataclass of tensors) and then raises "We ran
+    into an error when deserializing the saved file. Please check the warnings above", warnings
+    that harden's quiet logging hides. The logged cause is the error worth showing."""
+
+    def __init__(self, logger: str):
+        super().__init__(logging.WARNING)
+        self.logger = logging.getLogger(logger)
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+
+    def __enter__(self) -> "_LoggedErrors":
+        self._saved = self.logger.level, self.logger.propagate, self.logger.handlers
+        self.logger.setLevel(logging.WARNING)
+        self.logger.propagate = False  # shown in harden's one-line error instead (torch gives the logger its own stderr handler)
+        self.logger.handlers = [self]
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.logger.setLevel(self._saved[0])
+        self.logger.propagate, self.logger.handlers = self._saved[1], self._saved[2]
 
 
 def _with_example_sizes(shape: tuple | None, program: torch.export.ExportedProgram) -> tuple | None:
@@ -668,6 +739,10 @@ def _from_state_dict(state: dict[str, torch.Tensor], path: Path, arch: str | Non
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+    """An error's first line; for TorchScript's interpreter, whose first line only says that an
+    operation failed, its last (the operation's own error, such as a shape mismatch)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return (lines[-1] if "TorchScript interpreter" in lines[0] else lines[0])[:300]
 

@@ -30,11 +30,11 @@ from torch import nn
 from harden.errors import ModelLoadError
 
 
-def network_logits(out: Any) -> torch.Tensor:
+def network_logits(out: Any, element: int = 0) -> torch.Tensor:
     """The class scores in what a network returns: a tensor itself (a fully convolutional head's
     (batch, classes, 1, 1) flattened); the `logits` entry of a dict or a Hugging Face `ModelOutput`
     (or its only tensor); the first element of a tuple or list, as training code that also returns
-    features or auxiliary heads writes it."""
+    features or auxiliary heads writes it, or the `element`-th (loader: `_logits_element`)."""
     if isinstance(out, torch.Tensor):
         return out.flatten(2).squeeze(2) if out.ndim > 2 and out.shape[2:].numel() == 1 else out
     if isinstance(out, Mapping):
@@ -42,8 +42,8 @@ def network_logits(out: Any) -> torch.Tensor:
         if isinstance(out.get("logits"), torch.Tensor) or len(tensors) == 1:
             return out["logits"] if "logits" in out else tensors[0]
         raise ModelLoadError(f"the model returns a dict with keys {sorted(map(str, out))}; harden reads its 'logits' entry, which it lacks")
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
+    if isinstance(out, (tuple, list)) and len(out) > element and isinstance(out[element], torch.Tensor):
+        return out[element]
     raise ModelLoadError(f"the model returns {type(out).__name__}; harden expects a classifier's logits "
                          f"(a tensor, a dict with 'logits', or a tuple that starts with them)")
 
@@ -95,9 +95,11 @@ class PixelModel(nn.Module):
         sample_shape: Sequence[int] | None = None,
         max_batch: int | None = None,
         channels_last: bool = False,
+        logits_element: int = 0,
     ):
         super().__init__()
         self.net = net
+        self.logits_element = logits_element  # which element of a tuple output holds the logits
         self.static_batch = static_batch
         self.max_batch = max_batch  # a dynamic batch's upper bound from the export (Dim("batch", max=64)); None: unbounded
         self.output = output
@@ -133,21 +135,21 @@ class PixelModel(nn.Module):
         padded with copies of its first image) or of its bounded dynamic batch."""
         size = self.static_batch or self.max_batch
         if size is None or (x.shape[0] == size if self.static_batch else x.shape[0] <= size):
-            return network_logits(self.net(x))
+            return network_logits(self.net(x), self.logits_element)
         outputs = []
         for chunk in torch.split(x, size):
             pad = size - chunk.shape[0] if self.static_batch else 0
             if pad:
                 chunk = torch.cat([chunk, chunk[:1].expand(pad, *chunk.shape[1:])])
-            outputs.append(network_logits(self.net(chunk))[: size - pad])
+            outputs.append(network_logits(self.net(chunk), self.logits_element)[: size - pad])
         return torch.cat(outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize:
             x = (x - self.mean) / self.std
-        return OUTPUTS[self.output](self._forward_net(self._network_input(x)))
+        return OUTPUTS[self.output](self._forward_net(self.network_input(x)))
 
-    def _network_input(self, x: torch.Tensor) -> torch.Tensor:
+    def network_input(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, C, H, W) images in the network's own layout."""
         if self.channels_last:
             return x.permute(0, 2, 3, 1).contiguous()

@@ -188,7 +188,9 @@ class PurifyResult:
             steps.append(" ".join(filter(None, [METHODS[self.method].accuracy_advice,
                                                 "Give more clean data (the guardrail judges on its validation split), or try another --method."])))
         if not self.residual.removed:
-            steps.append("The backdoor still works: try --method trigger-unlearn or nft, or more epochs (--set epochs=N).")
+            others = " or ".join(name for name in ("trigger-unlearn", "nft") if name != self.method)
+            length = next((key for key in ("epochs", "steps") if key in METHODS[self.method].defaults), None)
+            steps.append(f"The backdoor still works: try --method {others}" + (f", or a longer run (--set {length}=N)." if length else "."))
         if self.coarse_guardrail:
             steps.append(self.coarse_guardrail)
         verdict = (f"purified, ACC {self.acc_change} pt" if self.passed
@@ -316,6 +318,7 @@ def purify(
     device = torch.device(device)
     with measure(device) as cost:
         loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, embedding=task == "encoder", **(load_options or {}))
+        loaded.require_trainable()
         spec = loaded.input_spec
         clean = load_data(data, spec, num_classes=loaded.num_classes if task == "classifier" else None, resize=resize)
         classes = loaded.num_classes if task == "classifier" else int(np.max(clean.labels)) + 1
