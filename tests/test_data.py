@@ -56,6 +56,8 @@ def test_npz_from_other_code_common_names_and_one_hot_labels(tmp_path):
     np.savez(tmp_path / "names.npz", x=x, y=np.array(["cat", "dog", "ant", "cat", "dog", "ant"]))
     with pytest.raises(DataError, match=r"labels are strings \(cat, dog, ant, ...\); harden needs the model's class indices"):
         load_data(str(tmp_path / "names.npz"), SPEC)
+    np.savez(tmp_path / "digits.npz", x=x, y=y.astype(str))  # labels as a CSV export writes them: indices, as folder names are
+    assert load_data(str(tmp_path / "digits.npz"), SPEC).labels.tolist() == y.tolist()
 
 
 def test_uncompressed_npz_is_memory_mapped_not_loaded(tmp_path):

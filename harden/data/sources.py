@@ -101,8 +101,11 @@ def _npz_member(path: Path, key: str) -> np.ndarray:
 
 
 def _class_indices(path: Path, y: np.ndarray, count: int) -> np.ndarray:
-    """(N,) labels as given, or the class index of each (N, classes) one-hot row."""
+    """(N,) labels as given, or the class index of each (N, classes) one-hot row. Strings of digits
+    ("3", as a CSV export writes them) are class indices, as integer folder names are."""
     y = np.asarray(y)
+    if y.dtype.kind in "US" and y.size and all(str(label).strip().isdigit() for label in y.reshape(-1)):
+        y = np.array([int(str(label)) for label in y.reshape(-1)], dtype=np.int64).reshape(y.shape)
     if y.dtype.kind in "US":
         raise DataError(f"{path}: labels are strings ({', '.join(map(str, y.reshape(-1)[:3]))}, ...); "
                         f"harden needs the model's class indices (0, 1, ...), and a name's index is the model's to say")
