@@ -49,12 +49,17 @@ def export_home(tmp_path_factory):
     tracking.configure(saved_uri)
 
 
+def _use_export_home(home: Path) -> None:
+    os.environ.update(MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}", BENTOML_HOME=str(home / "bentoml"))
+    tracking.configure(os.environ["MLFLOW_TRACKING_URI"])
+
+
 @pytest.fixture(autouse=True)
 def _export_store_active(export_home):
     """The session-wide store of tests/conftest.py is restored after every test; when it was set up
-    before these tests ran, point MLflow and BentoML back at this private home for each of them."""
-    os.environ.update(MLFLOW_TRACKING_URI=f"sqlite:///{export_home / 'mlflow.db'}", BENTOML_HOME=str(export_home / "bentoml"))
-    tracking.configure(os.environ["MLFLOW_TRACKING_URI"])
+    before these tests ran, point MLflow and BentoML back at this private home for each of them.
+    The session fixtures below do the same themselves: pytest sets them up before this one."""
+    _use_export_home(export_home)
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +72,7 @@ def demo_model(export_home):
     """The demo CNN registered as models:/export-demo/1, with the tags a scan and a purification leave."""
     from harden.demo import run_demo
 
+    _use_export_home(export_home)
     result = run_demo(export_home / "demo-data", name=DEMO_NAME, epochs=2, seed=0)
     tracking.set_version_tags(result.version, LINEAGE_TAGS)
     return result
@@ -96,6 +102,7 @@ def exported(demo_model, export_home) -> Exported:
     """`harden export` of the demo version with --onnx and --bento, run once for the session."""
     out = export_home / "out"
     report = export_home / "export.json"
+    _use_export_home(export_home)
     result = CliRunner().invoke(cli, ["export", demo_model.version.uri, "--onnx", str(out / "model.onnx"), "--bento", DEMO_NAME,
                                       "--format", "json", "--output", str(report)], catch_exceptions=False)
     assert result.exit_code == 0, result.stderr

@@ -140,6 +140,9 @@ def test_find_bento_tells_tags_from_model_uris(exported):
 def served(exported, export_home, monkeypatch_module):
     """`harden serve MODEL` in a child process: exports models:/export-demo/1 again, then `bentoml serve`."""
     monkeypatch_module.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    # module fixtures are set up before the per-test store switch (conftest): the child gets this home's store itself
+    monkeypatch_module.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{export_home / 'mlflow.db'}")
+    monkeypatch_module.setenv("BENTOML_HOME", str(export_home / "bentoml"))
     with serve_in_background("models:/export-demo/1", "--bento", "served-demo", cwd=export_home) as url:
         yield url
 
