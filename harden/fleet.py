@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 
 from harden import __version__, tracking
 from harden.data.sources import is_local_path
-from harden.errors import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK, HardenError
+from harden.errors import EXIT_ERROR, EXIT_FINDINGS, EXIT_NOTHING_SCANNABLE, EXIT_OK, HardenError
 from harden.report import CheckOutcome, Finding, Report, Table
 
 EXECUTORS = ("local", "ray")
@@ -67,7 +67,10 @@ class FleetResult:
     def exit_code(self) -> int:
         if any(i.status == "error" for i in self.items):
             return EXIT_ERROR
-        return EXIT_FINDINGS if any(i.verdict in FLAGGED for i in self.items) else EXIT_OK
+        if any(i.verdict in FLAGGED for i in self.items):
+            return EXIT_FINDINGS
+        # as `harden scan` exits: a version that could not be judged is not a clean one
+        return EXIT_NOTHING_SCANNABLE if any(i.verdict == "inconclusive" for i in self.items) else EXIT_OK
 
     def report(self) -> Report:
         counts = {s: sum(i.status == s for i in self.items) for s in ("scanned", "cached", "error")}
@@ -117,9 +120,12 @@ def list_versions(filter_string: str | None, max_versions: int | None = None) ->
     return found[:max_versions] if max_versions else found
 
 
-def is_current(tags: dict[str, str]) -> bool:
-    """Scanned by this harden version already."""
-    return tags.get("harden.scan.harden_version") == __version__ and "harden.scan.verdict" in tags
+def is_current(tags: dict[str, str], checks: list[str] | None = None) -> bool:
+    """Scanned by this harden version already, with every check asked for now."""
+    from harden.scan import answers
+
+    return (tags.get("harden.scan.harden_version") == __version__ and "harden.scan.verdict" in tags
+            and answers(tags.get("harden.scan.checks", "").split(","), checks))
 
 
 def scan_version(uri: str, tracking_uri: str, scan_kwargs: dict[str, Any]) -> VersionScan:
@@ -206,8 +212,8 @@ def scan_registry(
         data = str(Path(data).resolve())  # workers run elsewhere (other cwd, other processes)
     start = time.perf_counter()
     versions = list_versions(filter_string, max_versions)
-    items = [_cached(uri, tags) for uri, tags in versions if not rescan and is_current(tags)]
-    todo = [uri for uri, tags in versions if rescan or not is_current(tags)]
+    items = [_cached(uri, tags) for uri, tags in versions if not rescan and is_current(tags, checks)]
+    todo = [uri for uri, tags in versions if rescan or not is_current(tags, checks)]
     options = {"inversion": {"max_steps": max_steps}} if max_steps else {}
     scan_kwargs = {"data": data, "checks": checks, "device": device, "options": options}
     task_args = (mlflow.get_tracking_uri(), scan_kwargs)

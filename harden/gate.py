@@ -179,11 +179,16 @@ def _accuracy_drop(policy: Policy, tags: dict[str, str] | None) -> CheckOutcome:
                     "accuracy-drop", 5.0, accuracy_before=before, accuracy_after=after)
 
 
-def cached_scan(tags: dict[str, str]) -> dict[str, Any] | None:
-    """The version's last scan report, if it was made by this harden version."""
+def cached_scan(tags: dict[str, str], checks: list[str] | None = None) -> dict[str, Any] | None:
+    """The version's last scan report, if it was made by this harden version with every check in `checks`."""
+    from harden.scan import answers
+
     if tags.get("harden.scan.harden_version") != __version__ or not tags.get("harden.scan.run_id"):
         return None
-    return tracking.read_run_json(tags["harden.scan.run_id"], "reports/scan.json")
+    report = tracking.read_run_json(tags["harden.scan.run_id"], "reports/scan.json")
+    if report is None or not answers((check.get("name") for check in report.get("checks") or []), checks):
+        return None
+    return report
 
 
 def gate(model: str, policy: Policy, *, fresh: bool = False, cached_only: bool = False, data: str | None = None,
@@ -193,14 +198,15 @@ def gate(model: str, policy: Policy, *, fresh: bool = False, cached_only: bool =
 
     registered = tracking.resolve_registered_version(model)
     tags = tracking.version_tags(registered) if registered else None
-    report = None if fresh or tags is None else cached_scan(tags)
+    settings = policy.scan or {}
+    checks = settings.get("checks") or None
+    report = None if fresh or tags is None else cached_scan(tags, checks)
     cached = report is not None
     if report is None:
         if cached_only:
-            raise HardenError(f"{model}: no scan result from harden {__version__} is cached on the version (run harden scan, or drop --cached-only)")
-        settings = policy.scan or {}
+            raise HardenError(f"{model}: no scan result from harden {__version__} with the checks the policy needs is cached on the "
+                              f"version (run harden scan, or drop --cached-only)")
         data = data or settings.get("data")
-        checks = settings.get("checks") or None
         options = {"inversion": {k: settings[k] for k in ("max_steps", "probe_per_class") if k in settings}}
         params = {"data": data, "checks": ",".join(checks or []), "gate_policy": policy.path, "seed": seed}
         _, scan_report = scan_and_record(model, params, data=data, checks=checks, device=device, seed=seed, options=options)

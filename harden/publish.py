@@ -2,9 +2,11 @@
 
 The order is what keeps the registry clean: the caller first checks its guardrails, then
 the complete model is logged to the command's run, registered in one call that carries
-every tag, and only then is the alias moved. An interrupt or failure after registration
-deletes the version again (`tracking.register_model`), and `--output` is written to a
-temporary directory that is renamed into place only when complete.
+every tag, and only then is the alias moved. `--output` is written to a temporary directory
+that is renamed into place only when complete. A command publishes through a `Publication`,
+which withdraws everything again (the version deleted, the alias given back to the version
+that held it, `--output` removed) when the command fails or is interrupted before it has
+finished: logging its report, closing its run.
 """
 
 from __future__ import annotations
@@ -31,11 +33,47 @@ class PublishedModel:
     logged_uri: str  # runs:/<run>/model
     version: RegisteredVersion | None = None
     local_path: Path | None = None
+    alias: str | None = None
+    previous_alias_holder: str | None = None  # the version `alias` pointed at before
 
     @property
     def uri(self) -> str:
         """The registry URI when registered, else the run's model URI."""
         return self.version.uri if self.version else self.logged_uri
+
+    def withdraw(self) -> None:
+        """Undo the publication: delete the version (its alias goes back) and the local copy."""
+        if self.version is not None:
+            tracking.withdraw_version(self.version, self.alias, self.previous_alias_holder)
+            self.version = None
+        if self.local_path is not None:
+            shutil.rmtree(self.local_path, ignore_errors=True)
+            self.local_path = None
+
+
+class Publication:
+    """What a command publishes stays only if the command completes.
+
+        with Publication() as publication, tracking.command_run(...):
+            ...
+            published = publication.publish(net, loaded, ...)
+            tracking.log_report(...)
+
+    An exception or interrupt anywhere inside, closing the run included, withdraws it."""
+
+    def __init__(self) -> None:
+        self.published: PublishedModel | None = None
+
+    def publish(self, *args: Any, **kwargs: Any) -> PublishedModel:
+        self.published = publish(*args, **kwargs)
+        return self.published
+
+    def __enter__(self) -> "Publication":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None and self.published is not None:
+            self.published.withdraw()
 
 
 def check_output_dir(output: Path | None) -> None:
@@ -74,12 +112,17 @@ def publish(
     if not source.input_dtype.is_floating_point:  # a network of uint8 images is exported and signed on uint8 ones again
         dtype = str(source.input_dtype).removeprefix("torch.")
     info = tracking.log_model(net, shape, meta, example_batch=example_batch, dtype=dtype)
-    published = PublishedModel(info.model_uri)
-    if output is not None:
-        published.local_path = _save_local(net, shape, meta, example_batch, dtype, output)
-    name = target_name(source, register_as)
-    if name is not None:
-        published.version = tracking.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()}, alias=alias)
+    published = PublishedModel(info.model_uri, alias=alias)
+    try:
+        if output is not None:
+            published.local_path = _save_local(net, shape, meta, example_batch, dtype, output)
+        name = target_name(source, register_as)
+        if name is not None:
+            published.previous_alias_holder = tracking.alias_holder(name, alias) if alias else None
+            published.version = tracking.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()}, alias=alias)
+    except BaseException:
+        published.withdraw()  # the local copy of a version that was never registered
+        raise
     return published
 
 

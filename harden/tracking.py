@@ -48,6 +48,12 @@ def configure(tracking_uri: str | None = None) -> str:
     return uri
 
 
+def _unreachable(exc: Exception) -> bool:
+    """An MLflow error that means the server never answered (refused, timed out), not that something is missing."""
+    text = str(exc)
+    return "API request to" in text and any(word in text for word in ("Connection refused", "Max retries", "timed out", "Failed to establish"))
+
+
 def _sqlite_path(uri: str) -> Path | None:
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///"):])
@@ -84,13 +90,15 @@ def resolve_registered_version(uri: str) -> RegisteredVersion | None:
         elif version == "latest":
             versions = client.search_model_versions(f"name = '{name}'", order_by=["version_number DESC"], max_results=1)
             if not versions:
-                raise TrackingError(f"registered model {name!r} has no versions")
+                raise TrackingError(f"registered model {name!r} has no versions (or does not exist)")
             mv = versions[0]
         elif version and version.isdigit():
             mv = client.get_model_version(name, version)
         else:
             return None  # a LoggedModel id (models:/m-...) or a stage: not a registry version
     except MlflowException as exc:
+        if _unreachable(exc):
+            raise TrackingError(f"cannot resolve {uri}: the tracking server does not answer: {_first_line(exc)}") from None
         raise TrackingError(f"model {uri} not found in the registry: {_first_line(exc)}") from None
     return RegisteredVersion(mv.name, str(mv.version), mv.run_id, mv.source)
 
@@ -242,27 +250,51 @@ def log_model(net, input_shape: tuple[int, ...], harden_metadata: Mapping[str, A
 
 
 def register_model(model_uri: str, name: str, tags: Mapping[str, str] | None = None, alias: str | None = None) -> RegisteredVersion:
-    """Register a fully logged model; if anything after creation fails, delete the version."""
+    """Register a fully logged model; if anything after creation fails, withdraw the version again
+    (`withdraw_version`: the alias goes back to the version that held it)."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
+    previous = alias_holder(name, alias) if alias else None
     try:
         # register_model prints "Successfully registered..." itself; the report says it once.
         with contextlib.redirect_stderr(io.StringIO()):
             mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
     except MlflowException as exc:
         raise TrackingError(f"cannot register {name!r}: {_first_line(exc)}") from None
+    version = RegisteredVersion(mv.name, str(mv.version), mv.run_id, mv.source)
     try:
         if alias:
-            client.set_registered_model_alias(name, alias, mv.version)
+            MlflowClient().set_registered_model_alias(name, alias, mv.version)
     except BaseException as exc:
-        client.delete_model_version(name, mv.version)
+        withdraw_version(version, alias, previous)
         if isinstance(exc, MlflowException):
             raise TrackingError(f"cannot set alias {alias!r} on {name}: {_first_line(exc)} (version {mv.version} removed again)") from None
         raise
-    return RegisteredVersion(mv.name, str(mv.version), mv.run_id, mv.source)
+    return version
+
+
+def alias_holder(name: str, alias: str) -> str | None:
+    """The version `alias` points at in registered model `name`, None when it points nowhere."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def withdraw_version(version: RegisteredVersion, alias: str | None = None, previous_holder: str | None = None) -> None:
+    """Delete a version harden registered, and give `alias` back to `previous_holder` (deleting a
+    version takes its aliases with it): an interrupted command leaves the registry as it found it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    client.delete_model_version(version.name, version.version)
+    if alias and previous_holder:
+        client.set_registered_model_alias(version.name, alias, previous_holder)
 
 
 def set_version_tags(version: RegisteredVersion, tags: Mapping[str, Any]) -> None:

@@ -25,7 +25,7 @@ from harden.errors import HardenError, TrackingError
 from harden.evaluation import evaluate
 from harden.models import create_model, load_model
 from harden.models.wrappers import PixelModel
-from harden.publish import publish
+from harden.publish import Publication, publish
 from harden.purify import PurifyResult, purify
 from harden.purify.base import BestCheckpoint, PurifyContext, options_from_pairs
 from harden.purify.nft import MaskedNetwork, anchored_cross_entropy, find_mask_sites, lower_bounds, mixup_weight
@@ -456,6 +456,25 @@ def test_failure_after_registration_deletes_the_version(demo):
         with pytest.raises(TrackingError):
             publish(source.trainable().net, source, tags={"harden.method": "x"}, alias="not a valid alias!")
     assert registry_snapshot() == before_versions
+
+
+def test_an_interrupt_after_publishing_withdraws_everything_and_gives_the_alias_back(demo, tmp_path):
+    """Ctrl-C while the report is logged or the run is closed: the new version goes, the alias returns
+    to the version that held it (deleting a version takes its aliases along), --output goes too."""
+    from mlflow.tracking import MlflowClient
+
+    source = load_model(demo.model_uri)
+    name, holder = source.registered.name, source.registered.version
+    MlflowClient().set_registered_model_alias(name, "guarded", holder)
+    before_versions = registry_snapshot()
+    with pytest.raises(KeyboardInterrupt):
+        with Publication() as publication, tracking.command_run("purify", demo.model_uri):
+            published = publication.publish(source.trainable().net, source, tags={}, alias="guarded", output=tmp_path / "out")
+            assert tracking.alias_holder(name, "guarded") == published.version.version != holder and (tmp_path / "out").is_dir()
+            raise KeyboardInterrupt
+    assert registry_snapshot() == before_versions and tracking.alias_holder(name, "guarded") == holder
+    assert not (tmp_path / "out").exists()
+    MlflowClient().delete_registered_model_alias(name, "guarded")
 
 
 def test_sigterm_mid_run_leaves_no_version(demo, mlflow_home):

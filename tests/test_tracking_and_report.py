@@ -126,3 +126,16 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "harden", "--version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "harden, version" in proc.stdout
+
+
+def test_a_tracking_server_that_does_not_answer_is_not_reported_as_a_missing_model(monkeypatch, mlflow_home):
+    """A refused connection used to read "model ... not found in the registry" (the session store comes back after the test)."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tracking.configure(f"http://127.0.0.1:{port}")
+    with pytest.raises(tracking.TrackingError, match=r"cannot resolve models:/any/1: the tracking server does not answer"):
+        tracking.resolve_registered_version("models:/any/1")

@@ -9,7 +9,7 @@ import click
 from harden import distributed, tracking
 from harden.cli.options import CommandContext, common_options, data_options, model_options, open_model, report_options
 from harden.errors import EXIT_OK, HardenError
-from harden.publish import check_output_dir, publish, target_name
+from harden.publish import Publication, check_output_dir, target_name
 from harden.purify import DEFAULT_METHOD, METHODS, purify
 from harden.purify.base import parse_setting_pairs, split_settings
 from harden.report import emit
@@ -86,7 +86,7 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
         if not dist.is_main:
             purify(loaded, data, device=dist.device, seed=ctx.seed, **options)
             return EXIT_OK
-        with tracking.command_run("purify", source_uri, params) as run:
+        with Publication() as publication, tracking.command_run("purify", source_uri, params) as run:
             result = purify(loaded, data, device=dist.device, seed=ctx.seed, **options)
             for stage, metrics in (("before", result.before), ("after", result.after)):
                 tracking.log_metrics({f"{k}_{stage}": v for k, v in metrics.to_dict().items()})
@@ -96,8 +96,8 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
                                   "duration_s": result.duration_s, "peak_memory_mb": result.peak_memory_mb, "world_size": dist.world_size})
             output_uri = None
             if result.passed:
-                published = publish(result.model.net, loaded, tags=result.version_tags(), register_as=register_as, alias=alias,
-                                    output=output, metadata={"purified_from": source_uri, "method": method})
+                published = publication.publish(result.model.net, loaded, tags=result.version_tags(), register_as=register_as, alias=alias,
+                                                output=output, metadata={"purified_from": source_uri, "method": method})
                 output_uri = published.uri
             report = result.report(output_uri)
             report.payload["run_id"] = run.info.run_id

@@ -15,7 +15,7 @@ from harden.cli.options import CommandContext, common_options, model_options, op
 from harden.data import load_data, split
 from harden.errors import EXIT_FINDINGS, HardenError
 from harden.models import LoadedModel
-from harden.publish import check_output_dir, publish
+from harden.publish import Publication, check_output_dir
 from harden.report import Report, Table, emit
 from harden.runtime import measure
 from harden.sophon import SUPPRESSION_LOSSES, harden_model
@@ -173,7 +173,7 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
               "test_fraction": test_fraction, "check": check, "device": str(ctx.device), "seed": ctx.seed}
     # Under `torchrun` every rank runs the outer loop data-parallel; rank 0 alone logs, checks and registers.
     main = distributed.is_main_process()
-    with tracking.command_run("sophon", source_uri, params) if main else contextlib.nullcontext() as run:
+    with Publication() as publication, (tracking.command_run("sophon", source_uri, params) if main else contextlib.nullcontext()) as run:
         with distributed.launched(ctx.device) as dist, measure(dist.device) as cost:
             result = harden_model(loaded.trainable(), original_train, original_test, restricted_train,
                                   loss=loss, config=outer, device=dist.device, on_check=_log_check if main else None)
@@ -196,8 +196,8 @@ def command(ctx: CommandContext, model, arch, num_classes, input_size, mean, std
                     "harden.sophon.run_id": run.info.run_id, "harden.version": __version__,
                     **{f"harden.sophon.{k}": f"{v:.4f}" for k, v in metrics.items()
                        if v is not None and k.endswith(("acc_before", "acc_after", "accuracy"))}}
-            published = publish(result.model.net, loaded, tags=tags, register_as=register_as, alias=alias, output=save_model,
-                                metadata={"hardened_from": source_uri, "method": "sophon"})
+            published = publication.publish(result.model.net, loaded, tags=tags, register_as=register_as, alias=alias, output=save_model,
+                                            metadata={"hardened_from": source_uri, "method": "sophon"})
         payload = {
             "model_uri": source_uri, "output_model_uri": published.uri if published else None,
             "logged_model_uri": published.logged_uri if published else None, "original_data": original_data,

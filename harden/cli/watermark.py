@@ -15,7 +15,7 @@ from harden.cli.options import CommandContext, common_options, data_options, mod
 from harden.cli.sophon import outer_options, outer_params, publish_options, source_uri_of
 from harden.data import load_data, split
 from harden.errors import EXIT_FINDINGS
-from harden.publish import check_output_dir, publish
+from harden.publish import Publication, check_output_dir
 from harden.report import Report, Table, emit
 from harden.runtime import measure
 from harden.sophon.data import TEST_LIMIT, in_memory
@@ -69,7 +69,7 @@ def embed_command(ctx: CommandContext, model, arch, num_classes, input_size, mea
     params = {"data": data, "finetune_data": finetune_data, "poison_rate": poison_rate, "decoy_rate": decoy_rate,
               "pretrain_epochs": pretrain_epochs, "key_commitment": digest, "key_salt": salt, **outer_params(outer),
               "device": str(ctx.device), "seed": ctx.seed}
-    with tracking.command_run("watermark-embed", source_uri, params) as run:
+    with Publication() as publication, tracking.command_run("watermark-embed", source_uri, params) as run:
         with measure(ctx.device) as cost:
             pretrain = TrainConfig(epochs=pretrain_epochs, lr=outer.lr, batch_size=outer.batch_size, optimizer=outer.optimizer, seed=ctx.seed)
             result = embed(loaded.trainable(), train, test, key, num_classes=loaded.num_classes, finetune_data=simulated, config=outer,
@@ -83,9 +83,9 @@ def embed_command(ctx: CommandContext, model, arch, num_classes, input_size, mea
             tags = {"harden.method": "watermark", "harden.hardened_from": source_uri, "harden.watermark.commitment": digest,
                     "harden.watermark.salt": salt, "harden.watermark.run_id": run.info.run_id, "harden.version": __version__,
                     **{f"harden.watermark.{k}": f"{v:.4f}" for k, v in metrics.items() if k != "duration_s"}}
-            published = publish(result.model.net, loaded, tags=tags, register_as=register_as, alias=alias, output=save_model,
-                                metadata={"hardened_from": source_uri, "method": "watermark", "watermark_commitment": digest,
-                                          "watermark_salt": salt})
+            published = publication.publish(result.model.net, loaded, tags=tags, register_as=register_as, alias=alias, output=save_model,
+                                            metadata={"hardened_from": source_uri, "method": "watermark", "watermark_commitment": digest,
+                                                      "watermark_salt": salt})
         payload = {"model_uri": source_uri, "output_model_uri": published.uri if published else None, "data": data,
                    **metrics, "key_commitment": digest, "key_salt": salt, "guard_kept_accuracy": kept,
                    "loops_done": result.outer.loops_done, "rollbacks": result.outer.rollbacks, "history": result.outer.history,

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -83,6 +83,7 @@ class ScanResult:
             "harden.scan.p_backdoor": "" if self.p_backdoor is None else f"{self.p_backdoor:.4f}",
             "harden.scan.run_id": run_id,
             "harden.scan.harden_version": __version__,
+            "harden.scan.checks": ",".join(check.name for check in self.checks),
         }
 
     def report(self, sarif_location: str | None = None) -> Report:
@@ -135,6 +136,14 @@ def _run_check(name: str, ctx: ScanContext) -> CheckResult:
 
 def default_checks(task: str) -> list[str]:
     return [name for name, cls in CHECKS.items() if task in cls.tasks]
+
+
+def answers(scanned: Iterable[str], checks: list[str] | None, task: str = "classifier") -> bool:
+    """Whether an earlier scan that ran the checks `scanned` answers a request for `checks` (None: the
+    task's defaults that need no --train-data, which fleet scans and gates do not pass). A cached
+    `--checks artifact` scan says nothing about a backdoor."""
+    needed = checks or [name for name in default_checks(task) if not CHECKS[name].needs_train_data]
+    return set(needed) <= set(scanned)
 
 
 def scan(

@@ -7,6 +7,7 @@ import json
 import mlflow
 
 from harden import __version__
+from harden.fleet import is_current
 
 
 def _copy(demo, name: str) -> str:
@@ -27,7 +28,7 @@ def test_scan_registry_ray_then_local_then_all_cached(demo, run_cli):
     other = _copy(demo, "fleet-b")
     # v1 was scanned before by this harden version: reported from its tags, not scanned again
     for key, value in {"harden.scan.verdict": "backdoor", "harden.scan.p_backdoor": "0.9100", "harden.scan.run_id": "r0",
-                       "harden.scan.harden_version": __version__}.items():
+                       "harden.scan.harden_version": __version__, "harden.scan.checks": "artifact"}.items():
         client.set_model_version_tag("fleet-a", fleet[0], key, value)
     runs = _scan_runs()
     code, out, err = run_cli("scan-registry", "--filter", "name = 'fleet-a'", "--checks", "artifact", "--executor", "ray",
@@ -45,10 +46,13 @@ def test_scan_registry_ray_then_local_then_all_cached(demo, run_cli):
 
     code, out, err = run_cli("scan-registry", "--filter", "name = 'fleet-b'", "--checks", "artifact", "--executor", "local",
                              "--workers", "1", "--format", "json", "-q")
-    assert code == 0, err
+    assert code == 3, err  # an artifact check alone leaves the version inconclusive, as `harden scan` exits
     assert json.loads(out)["scanned"] == 1 and json.loads(out)["items"][0]["run_id"]
 
-    code, out, err = run_cli("scan-registry", "--filter", "name LIKE 'fleet-%'", "--executor", "local",
+    code, out, err = run_cli("scan-registry", "--filter", "name LIKE 'fleet-%'", "--checks", "artifact", "--executor", "local",
                              "--workers", "2", "--format", "junit", "-q")
     assert code == 1 and _scan_runs() == runs + 3  # nothing scanned twice
     assert 'tests="4" failures="1" errors="0" skipped="3"' in out
+    # a cached scan answers only for the checks it ran: the default checks need the trigger inversion too
+    tags = client.get_model_version("fleet-b", other).tags
+    assert tags["harden.scan.checks"] == "artifact" and is_current(tags, ["artifact"]) and not is_current(tags, None)

@@ -82,4 +82,8 @@ def test_gate_bad_input_is_one_line_exit_2(demo, run_cli, tmp_path):
     (tmp_path / "ok.yaml").write_text("max_p_backdoor: 0.5\n")
     code, _, err = run_cli("gate", f"models:/harden-demo/{mv.version}", "--policy", tmp_path / "ok.yaml", "--cached-only")
     assert code == 2 and "no scan result" in err
+    # a cached scan of the file safety alone does not answer for a backdoor
+    assert run_cli("scan", f"models:/harden-demo/{mv.version}", "--checks", "artifact", "-q")[0] == 3
+    code, _, err = run_cli("gate", f"models:/harden-demo/{mv.version}", "--policy", tmp_path / "ok.yaml", "--cached-only")
+    assert code == 2 and "with the checks the policy needs" in err
     client.delete_model_version("harden-demo", mv.version)
