@@ -6,6 +6,7 @@ import json
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -29,6 +30,8 @@ def test_usage_errors_exit_4(run_cli):
     assert code == 4
     code, _, _ = run_cli("no-such-command")
     assert code == 4
+    code, _, err = run_cli("evaluate", "m", "--data", "digits", "--output", Path(__file__) / "report.json")  # below a file
+    assert code == 4 and "is a file, so" in err
 
 
 def test_list_archs_and_triggers(run_cli):

@@ -122,12 +122,20 @@ def report_options(func: Callable[..., Any] | None = None, *, flag: str = "--out
         return functools.partial(report_options, flag=flag)
     names = (flag, "-o") if flag == "--output" else (flag,)
     dest = "output" if flag == "--output" else "report_file"
-    func = click.option(*names, dest, type=click.Path(dir_okay=False, path_type=Path), default=None,
+    func = click.option(*names, dest, type=click.Path(dir_okay=False, path_type=Path), default=None, callback=_under_directories,
                         help="Write the report here (stdout when omitted).")(func)
     from harden.report import RENDERERS
 
     return click.option("--format", "fmt", type=click.Choice(list(RENDERERS)), default="text", show_default=True,
                         help="Report format.")(func)
+
+
+def _under_directories(_ctx: click.Context, _param: click.Parameter, path: Path | None) -> Path | None:
+    """Refuse a report path below a file at once, not after minutes of scanning (missing directories are made)."""
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None) if path else None
+    if blocking is not None:
+        raise click.BadParameter(f"{blocking} is a file, so {path} cannot be written")
+    return path
 
 
 def reject(message: str) -> None:
