@@ -91,5 +91,5 @@ def run_demo(
         version = tracking.register_model(info.model_uri, name, alias=alias, tags={
             "harden.arch": "small_cnn", "harden.demo.trigger": attack.trigger.spec, "harden.demo.target": target,
             "harden.demo.accuracy": f"{result.accuracy:.4f}", "harden.demo.asr": f"{result.asr:.4f}",
-        })
+        }).version
     return DemoResult(version, alias, run.info.run_id, attack.trigger.spec, target, result, data_dir, cost.duration_s, cost.peak_memory_mb)

@@ -31,10 +31,12 @@ from harden.models.spec import RegisteredVersion
 @dataclass
 class PublishedModel:
     logged_uri: str  # runs:/<run>/model
-    version: RegisteredVersion | None = None
+    registration: tracking.Registration | None = None
     local_path: Path | None = None
-    alias: str | None = None
-    previous_alias_holder: str | None = None  # the version `alias` pointed at before
+
+    @property
+    def version(self) -> RegisteredVersion | None:
+        return self.registration.version if self.registration else None
 
     @property
     def uri(self) -> str:
@@ -43,9 +45,9 @@ class PublishedModel:
 
     def withdraw(self) -> None:
         """Undo the publication: delete the version (its alias goes back) and the local copy."""
-        if self.version is not None:
-            tracking.withdraw_version(self.version, self.alias, self.previous_alias_holder)
-            self.version = None
+        if self.registration is not None:
+            self.registration.withdraw()
+            self.registration = None
         if self.local_path is not None:
             shutil.rmtree(self.local_path, ignore_errors=True)
             self.local_path = None
@@ -112,14 +114,13 @@ def publish(
     if not source.input_dtype.is_floating_point:  # a network of uint8 images is exported and signed on uint8 ones again
         dtype = str(source.input_dtype).removeprefix("torch.")
     info = tracking.log_model(net, shape, meta, example_batch=example_batch, dtype=dtype)
-    published = PublishedModel(info.model_uri, alias=alias)
+    published = PublishedModel(info.model_uri)
     try:
         if output is not None:
             published.local_path = _save_local(net, shape, meta, example_batch, dtype, output)
         name = target_name(source, register_as)
         if name is not None:
-            published.previous_alias_holder = tracking.alias_holder(name, alias) if alias else None
-            published.version = tracking.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()}, alias=alias)
+            published.registration = tracking.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()}, alias=alias)
     except BaseException:
         published.withdraw()  # the local copy of a version that was never registered
         raise

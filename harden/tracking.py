@@ -19,6 +19,7 @@ import os
 import re
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -249,9 +250,28 @@ def log_model(net, input_shape: tuple[int, ...], harden_metadata: Mapping[str, A
     return mlflow.pytorch.log_model(eval_mode(net), name=name, **model_kwargs(net, input_shape, harden_metadata, example_batch, dtype))
 
 
-def register_model(model_uri: str, name: str, tags: Mapping[str, str] | None = None, alias: str | None = None) -> RegisteredVersion:
-    """Register a fully logged model; if anything after creation fails, withdraw the version again
-    (`withdraw_version`: the alias goes back to the version that held it)."""
+@dataclass
+class Registration:
+    """A version harden registered, and where its alias pointed before, so that it can be undone."""
+
+    version: RegisteredVersion
+    alias: str | None = None
+    previous_alias_holder: str | None = None
+
+    def withdraw(self) -> None:
+        """Delete the version and give the alias back to its previous holder (deleting a version takes
+        its aliases with it): an interrupted command leaves the registry as it found it."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        client.delete_model_version(self.version.name, self.version.version)
+        if self.alias and self.previous_alias_holder:
+            client.set_registered_model_alias(self.version.name, self.alias, self.previous_alias_holder)
+
+
+def register_model(model_uri: str, name: str, tags: Mapping[str, str] | None = None, alias: str | None = None) -> Registration:
+    """Register a fully logged model, then move `alias` onto it; if anything after creation fails,
+    the registration is withdrawn again."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -263,38 +283,28 @@ def register_model(model_uri: str, name: str, tags: Mapping[str, str] | None = N
             mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
     except MlflowException as exc:
         raise TrackingError(f"cannot register {name!r}: {_first_line(exc)}") from None
-    version = RegisteredVersion(mv.name, str(mv.version), mv.run_id, mv.source)
+    registration = Registration(RegisteredVersion(mv.name, str(mv.version), mv.run_id, mv.source), alias, previous)
     try:
         if alias:
             MlflowClient().set_registered_model_alias(name, alias, mv.version)
     except BaseException as exc:
-        withdraw_version(version, alias, previous)
+        registration.withdraw()
         if isinstance(exc, MlflowException):
             raise TrackingError(f"cannot set alias {alias!r} on {name}: {_first_line(exc)} (version {mv.version} removed again)") from None
         raise
-    return version
+    return registration
 
 
-def alias_holder(name: str, alias: str) -> str | None:
-    """The version `alias` points at in registered model `name`, None when it points nowhere."""
+def alias_holder(name: str, alias: str, client: Any = None) -> str | None:
+    """The version `alias` points at in registered model `name` (through `client`, default the
+    configured store), None when it points nowhere."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     try:
-        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+        return str((client or MlflowClient()).get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
-
-
-def withdraw_version(version: RegisteredVersion, alias: str | None = None, previous_holder: str | None = None) -> None:
-    """Delete a version harden registered, and give `alias` back to `previous_holder` (deleting a
-    version takes its aliases with it): an interrupted command leaves the registry as it found it."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    client.delete_model_version(version.name, version.version)
-    if alias and previous_holder:
-        client.set_registered_model_alias(version.name, alias, previous_holder)
 
 
 def set_version_tags(version: RegisteredVersion, tags: Mapping[str, Any]) -> None:

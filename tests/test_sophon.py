@@ -197,7 +197,7 @@ def tiny_registered(mlflow_home, source):
     with mlflow.start_run():
         info = tracking.log_model(copy.deepcopy(source), SPEC.shape, {"arch": "small_cnn", "arch_kwargs": {"in_channels": 1, "width": 8},
                                                                     "num_classes": 10, "input_shape": list(SPEC.shape)})
-    return tracking.register_model(info.model_uri, "sophon-tiny")
+    return tracking.register_model(info.model_uri, "sophon-tiny").version
 
 
 def test_sophon_cli_registers_a_tagged_version(run_cli, tiny_registered, tmp_path):

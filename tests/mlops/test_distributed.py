@@ -91,7 +91,7 @@ def test_sophon_under_torchrun_matches_one_process(mlflow_home, run_cli, tmp_pat
     with mlflow.start_run():
         info = tracking.log_model(copy.deepcopy(net).eval(), spec.shape, {"arch": "small_cnn", "arch_kwargs": {"in_channels": 1, "width": 8},
                                                                           "num_classes": 10, "input_shape": list(spec.shape)})
-    source = tracking.register_model(info.model_uri, "sophon-ddp")
+    source = tracking.register_model(info.model_uri, "sophon-ddp").version
     args = ["sophon", source.uri, "--original-data", "digits", "--restricted-data", "digits-inverted", "--loops", "12",
             "--inner-steps", "2", "--eval-every", "4", "--lr", "3e-3", "--check", "none", "--max-acc-drop", "0.2", "--format", "json", "-q"]
     single, parallel = one_and_two_processes(run_cli, mlflow_home, args)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harden import __version__
+from harden import __version__, tracking
 from harden.integrations.mlflow.queue import DONE, FAILED, PENDING, Job, JobQueue, worker_id
 from harden.purify import DEFAULT_METHOD
 
@@ -159,14 +159,8 @@ class Worker:
 
     def _alias(self, job: Job) -> dict[str, Any]:
         """After the version's scan: take a --block-alias away from a flagged version, remember clean holders."""
-        from mlflow.exceptions import MlflowException
-
         client, alias = self._client(), str(job.alias)
-        try:
-            holder = client.get_model_version_by_alias(job.name, alias).version
-        except MlflowException:
-            holder = None
-        if str(holder) != job.version:
+        if tracking.alias_holder(job.name, alias, client) != job.version:
             return {"alias": alias, "action": "none: the alias has moved on"}
         verdict = (self._tags(job) or {}).get("harden.scan.verdict")
         if verdict not in FLAGGED:
