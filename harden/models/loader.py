@@ -106,16 +106,14 @@ class LoadedModel:
 
     def describe(self) -> str:
         arch = self.arch or "unknown architecture"
-        precision = "" if self.dtype == torch.float32 else f", {str(self.dtype).removeprefix('torch.')} weights run in float32"
-        if not self.input_dtype.is_floating_point:
-            precision += f", {str(self.input_dtype).removeprefix('torch.')} input fed as float pixels"
-        mode = f", exported in training mode: {self.training_ops} dropout/BatchNorm ops run for inference" if self.training_ops else ""
+        notes = [f"{str(self.dtype).removeprefix('torch.')} weights run in float32" if self.dtype != torch.float32 else "",
+                 f"{str(self.input_dtype).removeprefix('torch.')} input fed as float pixels" if not self.input_dtype.is_floating_point else "",
+                 f"logits: element {self.module.logits_element} of its output tuple" if self.module.logits_element else "",
+                 f"exported in training mode: {self.training_ops} dropout/BatchNorm ops run for inference" if self.training_ops else ""]
         layout = " (channels-last)" if self.channels_last else ""
-        if self.module.logits_element:
-            precision += f", logits: element {self.module.logits_element} of its output tuple"
         reshaped = f" as {'x'.join(map(str, self.sample_shape))}{layout}" if self.sample_shape else ""
         outputs = f"{self.num_classes}-d embeddings" if self.output == "embedding" else f"{self.num_classes} classes"
-        return f"{self.uri} ({self.format}, {arch}, {outputs}, input {self.input_spec or '?'}{reshaped}{precision}{mode})"
+        return f"{self.uri} ({self.format}, {arch}, {outputs}, input {self.input_spec or '?'}{reshaped}{''.join(', ' + n for n in notes if n)})"
 
     @property
     def network_input_shape(self) -> tuple[int, ...] | None:
