@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from harden.errors import TrackingError
 from harden.models import InputSpec, create_model
+from harden.purify import load_separation
 from harden.scan import VERDICTS, combine, scan
 from harden.scan.base import ERROR, FAILED, PASSED, SKIPPED, CheckResult
 from harden.scan.inversion import InversionConfig, _ClassState, _passes, invert_triggers, mad_anomaly
@@ -294,6 +296,10 @@ def test_sensitivity_separation_is_logged_for_purify(demo, run_cli, tmp_path):
     assert check["details"]["separation_path"] == f"runs:/{report['run_id']}/scan/separation.json"
     separation = json.loads(mlflow.artifacts.load_text(check["details"]["separation_path"]))
     assert separation["schema"] == "harden.separation/1" and separation["num_samples"] == len(y)
+    # what `harden purify --separation runs:/...` reads back
+    assert load_separation(check["details"]["separation_path"], None, poisoned, None, "cpu", 0) == separation
+    with pytest.raises(TrackingError, match="separation runs:/.*/scan/missing.json not found"):
+        load_separation(f"runs:/{report['run_id']}/scan/missing.json", None, poisoned, None, "cpu", 0)
     flagged = set(separation["poisoned"])
     truth = set(poisoned.poisoned.tolist())
     share = len(truth) / len(y)  # 9% of the training set is poisoned

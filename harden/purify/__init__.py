@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from harden import __version__
+from harden import __version__, tracking
 from harden.attacks import Attack
 from harden.data import load_data, split
 from harden.data.pipeline import LabelledDataset
@@ -255,14 +255,15 @@ def load_separation(source: "str | Path | None", loaded: LoadedModel, train_data
 
 
 def _read_separation(source: str) -> dict[str, Any]:
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
+    """A saved separation: a local file, else an artifact URI that MLflow downloads (parsed as JSON only)."""
+    path, download = (Path(source), None) if Path(source).exists() else tracking.download(source, "separation")
     try:
-        path = Path(source) if Path(source).exists() else Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
         record = json.loads(path.read_text())
-    except (MlflowException, OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError) as exc:
         raise HardenError(f"cannot read separation {source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    finally:
+        if download is not None:
+            download.cleanup()
     if record.get("schema") != "harden.separation/1":
         raise HardenError(f"{source} is not a harden.separation/1 record")
     return record
