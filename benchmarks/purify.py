@@ -92,7 +92,7 @@ def reference_nft(model: torch.nn.Module, clean, steps: int = 1000, batch: int =
     return model.eval()
 
 
-def _defender_files(spec, clean_fraction: float, clean_seed: int, folder: Path):
+def defender_files(spec, clean_fraction: float, clean_seed: int, folder: Path):
     """The defender's clean set (`clean_fraction` of the dataset, drawn by `clean_seed`) and the test
     split at `spec`, with the .npz files a user would pass (written once per input geometry)."""
     train, defender, test = zoo_data(spec)
@@ -127,7 +127,7 @@ def main() -> None:
     rows, reference_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for entry in zoo:
-            clean, test, clean_npz, test_npz = _defender_files(entry.spec, args.clean_fraction, args.clean_seed, Path(tmp))
+            clean, test, clean_npz, test_npz = defender_files(entry.spec, args.clean_fraction, args.clean_seed, Path(tmp))
             for method in args.methods.split(","):
                 # unlearn-relearn gets the model's own poisoned training set, as the sensitivity test would
                 suspect = write_npz(training_set(entry), Path(tmp) / "train.npz") if METHODS[method].needs_train_data else None

@@ -130,11 +130,15 @@ def is_current(tags: dict[str, str], checks: list[str] | None = None) -> bool:
 
 def scan_version(uri: str, tracking_uri: str, scan_kwargs: dict[str, Any]) -> VersionScan:
     """The task every executor runs (module level, so it pickles to process pools and Ray)."""
+    import torch
+
+    from harden.runtime import reproducible
     from harden.scan import scan_and_record
 
     start, cpu = time.perf_counter(), time.process_time()
     try:
         tracking.configure(tracking_uri)
+        reproducible(torch.device(scan_kwargs["device"]))
         params = {k: v for k, v in scan_kwargs.items() if k != "options"} | {"fleet": True}
         result, report = scan_and_record(uri, params, **scan_kwargs)
         return VersionScan(uri, "scanned", result.verdict, result.p_backdoor, report.payload.get("run_id"),

@@ -19,7 +19,7 @@ from harden import tracking
 from harden.evaluation import evaluate
 from harden.models import InputSpec, PixelModel, create_model, list_archs, load_model
 from harden.publish import publish
-from harden.runtime import training_layout
+from harden.runtime import reproducible, training_layout
 from harden.training import TrainConfig, fit
 from tests.conftest import CustomNet, train_quickly
 
@@ -625,6 +625,20 @@ def test_a_pt2_exported_on_a_gpu_loads_anywhere(device):
     with torch.no_grad():
         outputs = loaded.module(torch.from_numpy(recorded["x"]).to(device)).cpu()
     assert torch.allclose(outputs, torch.from_numpy(recorded["y"]), atol=1e-5)
+
+
+def test_only_cuda_runs_switch_to_deterministic_kernels():
+    """Deterministic CUDA kernels make a GPU scan repeat (benchmarks/devices.py). CPU kernels already
+    repeat, and the switch would only cost there (torch then fills every new tensor with NaN)."""
+    reproducible(torch.device("cpu"))
+    assert not torch.are_deterministic_algorithms_enabled()
+    if torch.cuda.is_available():
+        reproducible(torch.device("cuda"))
+        try:
+            assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+            assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        finally:
+            torch.use_deterministic_algorithms(False)
 
 
 def test_corrupted_pt2_is_a_load_error(tmp_path):

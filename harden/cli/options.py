@@ -20,7 +20,7 @@ from rich.console import Console
 from harden import progress, tracking
 from harden.errors import HardenError
 from harden.models import LoadedModel, load_model
-from harden.runtime import resolve_device, seed_everything
+from harden.runtime import reproducible, resolve_device, seed_everything
 
 STATE = {"verbose": 0}
 
@@ -66,6 +66,7 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
             console=Console(stderr=True),
         )
         seed_everything(seed)
+        reproducible(context.device)
         return func(context, *args, **kwargs)
 
     return wrapper
