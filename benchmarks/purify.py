@@ -39,7 +39,7 @@ from harden.evaluation import der, evaluate  # noqa: E402
 from harden.models import load_model  # noqa: E402
 from harden.purify import METHODS, options_from_pairs, purify  # noqa: E402
 from harden.report import Report, Table, emit  # noqa: E402
-from harden.runtime import device_label, measure, resolve_device  # noqa: E402
+from harden.runtime import device_label, measure, reproducible, resolve_device  # noqa: E402
 
 ATTACKS = {"badnets": "grid_paste", "blend": "blend", "sig": "sig", "wanet": "wanet"}
 
@@ -121,6 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     progress.set_enabled(False)
     device = resolve_device(args.device)
+    reproducible(device)  # as every harden command does
     options = options_from_pairs(args.settings)
     zoo = load_zoo(lambda e: e.backdoored and e.arch in args.archs.split(",") and str(e.seed) in args.seeds.split(",")
                    and any(e.attack.startswith(ATTACKS[a]) for a in args.attacks.split(",")), device=args.device)

@@ -33,7 +33,7 @@ from harden import progress  # noqa: E402
 from harden.data.pipeline import stratified_sample  # noqa: E402
 from harden.models import load_model  # noqa: E402
 from harden.report import Report, Table, emit  # noqa: E402
-from harden.runtime import device_label, measure, resolve_device  # noqa: E402
+from harden.runtime import device_label, measure, reproducible, resolve_device  # noqa: E402
 from harden.scan import scan  # noqa: E402
 from harden.scan.inversion import InversionConfig, invert_triggers  # noqa: E402
 
@@ -72,6 +72,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     progress.set_enabled(False)
     device = resolve_device(args.device)
+    reproducible(device)  # as every harden command does
     archs, seeds = args.archs.split(","), [int(s) for s in args.seeds.split(",")]
     zoo = load_zoo(lambda e: e.arch in archs and e.seed in seeds, device=args.device)
     rows, seconds, right = [], {s: [] for s in COMPARED + ("nc",)}, {s: 0 for s in COMPARED + ("nc",)}
