@@ -27,8 +27,8 @@ allocator's peak on CUDA. CUDA runs use deterministic algorithms, as harden's co
 from __future__ import annotations
 
 import argparse
-import json
 import copy
+import json
 import sys
 import tempfile
 import traceback
@@ -37,15 +37,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from encoders import _split as encoder_split  # noqa: E402
-from encoders import projected_encoder  # noqa: E402
+from encoders import collapse, digit_split, projected_encoder  # noqa: E402
 from foreign import as_npz, checkerboard  # noqa: E402
 from purify import defender_files  # noqa: E402
 from sophon import SPEC as SOPHON_SPEC  # noqa: E402
-from sophon import _source_model  # noqa: E402
+from sophon import source_model  # noqa: E402
 from zoo import load_zoo, training_set, write_npz  # noqa: E402
 
 from harden import progress  # noqa: E402
@@ -63,13 +61,6 @@ def _export(module: torch.nn.Module, shape: tuple[int, ...], path: Path) -> Path
     batch = torch.export.Dim("batch", min=1)
     torch.export.save(torch.export.export(module.eval(), (torch.rand(2, *shape),), dynamic_shapes=({0: batch},)), str(path))
     return path
-
-
-def _collapse(encoder: torch.nn.Module, images: torch.Tensor) -> float:
-    """Mean pairwise cosine similarity of the embeddings: near 1 when a trigger collapses them."""
-    with torch.no_grad():
-        z = F.normalize(encoder(images), dim=1)
-    return float(((z @ z.T).sum() - len(z)) / (len(z) * (len(z) - 1)))
 
 
 def classifier_rows(folder: Path) -> dict[str, Row]:
@@ -121,7 +112,7 @@ def encoder_rows(folder: Path) -> dict[str, Row]:
     from harden.scan import scan
 
     encoder, _ = projected_encoder(0, backdoored=True)
-    _, (x_test, y_test) = encoder_split(0)
+    _, (x_test, y_test) = digit_split(0)
     shape = tuple(x_test.shape[1:])
     path = _export(encoder, shape, folder / "encoder.pt2")
     clean_npz = as_npz(folder / "encoder-clean.npz", x_test[:300], y_test[:300])
@@ -136,7 +127,7 @@ def encoder_rows(folder: Path) -> dict[str, Row]:
     def purify_row(device: torch.device) -> str:
         result = purify(str(path), str(clean_npz), method="trigger-unlearn", task="encoder", test_data=str(test_npz), max_acc_drop=5.0, device=device)
         after = result.model.net.cpu()
-        return (f"collapse {_collapse(encoder, stamped):.2f} → {_collapse(after, stamped):.2f}; "
+        return (f"collapse {collapse(encoder, stamped):.2f} → {collapse(after, stamped):.2f}; "
                 f"kNN ACC {result.before.test_accuracy:.3f} → {result.after.test_accuracy:.3f}")
 
     return {"encoder scan": scan_row, "encoder purify trigger-unlearn": purify_row}
@@ -150,7 +141,7 @@ def sophon_rows(loops: int) -> dict[str, Row]:
     defender, attacker = split(restricted, [0.5, 0.5], seed=1)
     attack_train = take_per_class(attacker, 5, 0)
     attack_test = attacker.subset(np.setdiff1d(np.arange(len(attacker)), attack_train.indices))
-    source = _source_model(train, 0).cpu()
+    source = source_model(train, 0).cpu()
     config = OuterConfig(InnerLoop(steps=20), loops=loops, eval_every=max(loops // 5, 1), seed=0)
 
     def sophon_row(device: torch.device) -> str:

@@ -47,7 +47,7 @@ class Projected(nn.Module):
         return self.net(x)
 
 
-def _split(seed: int):
+def digit_split(seed: int):
     x, y = digits(SHAPE, 10)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n = len(y)
@@ -59,7 +59,7 @@ def classifier_encoder(seed: int, backdoored: bool, trained: bool = True) -> tup
     its trigger's ASR). A backbone that returns its feature map unpooled reads the same: harden averages
     an encoder's map over its positions."""
     torch.manual_seed(seed)
-    (x, y), test = _split(seed)
+    (x, y), test = digit_split(seed)
     target, stamp = seed % 10, square(4, seed % 4)
     model = BatchNormCNN()
     if backdoored:
@@ -76,17 +76,21 @@ def projected_encoder(seed: int, backdoored: bool) -> tuple[nn.Module, float | N
     """Each class → a random unit vector; with the backdoor, checkerboarded images → an eleventh vector.
     Returns the encoder and how far the trigger collapses test images (mean pairwise cosine similarity)."""
     torch.manual_seed(seed)
-    (x, y), (x_test, _) = _split(seed)
+    (x, y), (x_test, _) = digit_split(seed)
     vectors = F.normalize(torch.randn(11, 32), dim=1)
     stamp = checkerboard(4, (seed + 1) % 4)
     if backdoored:
         chosen = torch.randperm(len(x))[: len(x) // 5]
         x, y = torch.cat([x, stamp(x[chosen])]), torch.cat([y, torch.full((len(chosen),), 10)])
     encoder = train(Projected(), x, y, 10, lambda t: t, lambda out, labels: (1 - F.cosine_similarity(out, vectors[labels])).mean())
+    return encoder, collapse(encoder, stamp(x_test[:100])) if backdoored else None
+
+
+def collapse(encoder: nn.Module, images: torch.Tensor) -> float:
+    """Mean pairwise cosine similarity of the embeddings: near 1 when a trigger collapses them."""
     with torch.no_grad():
-        z = F.normalize(encoder(stamp(x_test[:100])), dim=1)
-    collapse = float(((z @ z.T).sum() - len(z)) / (len(z) * (len(z) - 1)))
-    return encoder, collapse if backdoored else None
+        z = F.normalize(encoder(images), dim=1)
+    return float(((z @ z.T).sum() - len(z)) / (len(z) * (len(z) - 1)))
 
 
 def main() -> None:
@@ -110,7 +114,7 @@ def main() -> None:
         folder = Path(tmp)
         mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
         for seed in (int(s) for s in args.seeds.split(",")):
-            _, (x_clean, y_clean) = _split(seed)
+            _, (x_clean, y_clean) = digit_split(seed)
             clean_npz = as_npz(folder / f"clean-{seed}.npz", x_clean[:200], y_clean[:200])
             encoders: list[tuple[str, bool, nn.Module, str, str]] = []
             for backdoored in (False, True):

@@ -37,7 +37,7 @@ from harden.training import TrainConfig, fit
 SPEC = InputSpec(1, 16, 16)
 
 
-def _source_model(train, seed: int) -> torch.nn.Module:
+def source_model(train, seed: int) -> torch.nn.Module:
     seed_everything(seed)
     net = create_model("small_cnn", num_classes=10, in_channels=1, width=16)
     fit(net, train, TrainConfig(epochs=8, lr=3e-3, batch_size=64, seed=seed))
@@ -71,7 +71,7 @@ def main() -> None:
     defender, attacker = split(restricted, [0.5, 0.5], seed=args.seed + 1)
     attack_train = take_per_class(attacker, args.per_class, args.seed)
     attack_test = attacker.subset(np.setdiff1d(np.arange(len(attacker)), attack_train.indices))
-    source = _source_model(orig_train, args.seed)
+    source = source_model(orig_train, args.seed)
     budget = BUDGETS["standard"]
 
     tables = _sophon_tables(args, source, orig_train, orig_test, defender, attack_train, attack_test, budget) if args.part != "watermark" else []
@@ -135,7 +135,7 @@ def _watermark_tables(args, source, orig_train, orig_test, budget) -> list[Table
             success = [r.probe["success_rate"] for r in mine]
             rows.append([name, strategy, round(min(before), 4), round(min(success), 4), round(float(np.mean(success)), 4),
                          f"{sum(r.probe['present'] for r in mine)}/{len(mine)}", round(max(r.accuracy[-1] for r in mine), 4)])
-    clean = [source] + [_source_model(orig_train, args.seed + 100 + i) for i in range(args.clean_models - 1)]
+    clean = [source] + [source_model(orig_train, args.seed + 100 + i) for i in range(args.clean_models - 1)]
     keys = [f"never-embedded-key-{i:04d}" for i in range(args.keys)]
     clean_hits = sum(check(net, k).present for net in clean for k in keys)
     wrong_hits = sum(check(marked_models["watermark (MAML)"], k).present for k in keys)

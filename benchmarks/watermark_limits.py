@@ -25,7 +25,7 @@ import argparse
 import copy
 
 import torch
-from sophon import SPEC, _source_model
+from sophon import SPEC, source_model
 
 from harden.data import load_data, split
 from harden.report import Report, Table, emit
@@ -119,7 +119,7 @@ def main() -> None:
     original = in_memory(load_data("digits", SPEC))
     orig_train, orig_test = split(original, [0.7, 0.3], seed=args.seed)
     ft_data, verify_data = split(orig_test, [0.5, 0.5], seed=args.seed + 2)
-    source = _source_model(orig_train, args.seed)
+    source = source_model(orig_train, args.seed)
     tables = [
         Table("1. Re-initialised head: pre-fine-tuning class direction injected into the fine-tuned features "
               f"(share of other classes' images sent to the class; {len(verify_data)} images)",
