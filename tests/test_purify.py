@@ -29,6 +29,7 @@ from harden.publish import Publication, publish
 from harden.purify import PurifyResult, purify
 from harden.purify.base import BestCheckpoint, PurifyContext, options_from_pairs
 from harden.purify.nft import MaskedNetwork, anchored_cross_entropy, find_mask_sites, lower_bounds, mixup_weight
+from harden.purify.retreat import retreat
 from harden.purify.triggers import AdditiveTrigger, ReversedTrigger, TriggerChaser, refreshed
 
 FAST_INVERSION = {"max_steps": 60, "probe_per_class": 6}
@@ -196,6 +197,37 @@ def test_checkpoint_validates_and_keeps_the_running_average_not_the_raw_weights(
     assert float(model.weight) == pytest.approx(0.8)
 
 
+class BrightnessBackdoor(torch.nn.Module):
+    """Two classes told apart by brightness; `k` is a backdoor that a +0.1 brightening turns on:
+    dark images go to class 1 once k > 2 × 1.05, so along k = 10·(1 − α) the attack returns below α = 0.8."""
+
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = torch.nn.Parameter(torch.tensor(k))
+
+    def forward(self, x):
+        brightness = x.mean((1, 2, 3))
+        return torch.stack([torch.zeros_like(brightness), 1.05 * (brightness - 0.5) + self.k * (brightness - 0.2)], 1)
+
+
+def test_retreat_steps_back_toward_the_source_until_a_re_found_trigger_works_again():
+    images = torch.cat([torch.full((8, 3, 4, 4), 0.2), torch.full((8, 3, 4, 4), 0.8)])
+    data = TensorDataset(images, [0] * 8 + [1] * 8)
+    source, model = BrightnessBackdoor(10.0), BrightnessBackdoor(0.0)
+    ctx = PurifyContext(None, data, data, [AdditiveTrigger(1, torch.full((3, 4, 4), 0.1), 0.1, 1.0)], torch.device("cpu"), 0)
+    result = retreat(model, source.state_dict(), ctx, limit=0.5, margin=0.05)
+    assert result.alpha == pytest.approx(0.8) and float(model.k) == pytest.approx(2.0)
+    assert [round(step["alpha"], 1) for step in result.walk] == [1.0, 0.9, 0.8, 0.7]  # stopped at the first failure
+    assert [step["attack_asr"] for step in result.walk] == [0.0, 0.0, 0.0, 1.0]
+    assert all(step["accuracy"] == 1.0 for step in result.walk)
+    loose = BrightnessBackdoor(0.0)  # a margin of 1: nothing the trigger does stops the walk, which goes as far as `limit`
+    assert retreat(loose, source.state_dict(), ctx, limit=0.5, margin=1.0).alpha == pytest.approx(0.5)
+    patch_only = PurifyContext(None, data, data, [ReversedTrigger(1, torch.ones(1, 4, 4), torch.ones(3, 4, 4), 16.0, 1.0)], torch.device("cpu"), 0)
+    for kwargs, context in (({"limit": 0.0, "margin": 0.05}, ctx), ({"limit": 0.5, "margin": 0.05}, patch_only)):
+        model = BrightnessBackdoor(0.0)
+        assert retreat(model, source.state_dict(), context, **kwargs).alpha == 1.0 and float(model.k) == 0.0
+
+
 def test_unknown_mask_granularity_is_refused():
     model = PixelModel(GateNet()).eval()
     sites = find_mask_sites(model, torch.rand(1, 3, 32, 32))
@@ -273,6 +305,8 @@ def test_cli_purifies_registers_and_aliases_the_demo(demo, run_cli, tmp_path):
     assert {"output_model_uri", "before", "after", "method", "params", "duration_s", "peak_memory_mb"} <= set(report)
     assert report["before"]["test_known_asr"] > 0.9 and report["after"]["test_known_asr"] < 0.1
     assert report["acc_drop_points"] <= 2.0
+    walk = report["params"]["retreat_walk"]  # the purified weights were walked back toward the source, and kept where it stopped
+    assert walk[0]["alpha"] == 1.0 and report["params"]["retreat_alpha"] in [step["alpha"] for step in walk]
     new = [v for v in registry_snapshot() if v not in before_versions]
     assert new == [("harden-demo", new[0][1])] and report["output_model_uri"] == f"models:/harden-demo/{new[0][1]}"
     version = tracking.resolve_registered_version("models:/harden-demo@hardened")
@@ -397,6 +431,7 @@ def test_unknown_pt2_architecture_is_purified_and_stays_pt2(mlflow_home, digits_
     (["--set", "wobble=3"], "unknown setting"),
     (["--set", "epochs=many"], "expected int"),
     (["--set", "average=1"], "expected a decay in [0, 1)"),
+    (["--set", "retreat=1.5"], "expected how far back toward the source to look"),
     (["--method", "nft", "--set", "anchor=0"], "expected a positive loss weight"),
     (["--method", "nft", "--set", "epsilon=0"], "expected a bound on the additive triggers"),
     (["--set", "inversion.lr=fast"], "setting inversion.lr='fast': expected float"),

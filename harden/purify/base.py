@@ -58,6 +58,10 @@ def resolve_settings(method: "Method", overrides: dict[str, Any]) -> dict[str, A
         raise HardenError(f"bn_mode {values['bn_mode']!r}: expected one of {', '.join(BN_MODES)}")
     if "average" in values and not 0.0 <= values["average"] < 1.0:
         raise HardenError(f"average={values['average']}: expected a decay in [0, 1) (0: keep the raw weights)")
+    if "retreat" in values and not 0.0 <= values["retreat"] <= 1.0:
+        raise HardenError(f"retreat={values['retreat']}: expected how far back toward the source to look, in [0, 1] (0: off)")
+    if "retreat_margin" in values and not 0.0 <= values["retreat_margin"] <= 1.0:
+        raise HardenError(f"retreat_margin={values['retreat_margin']}: expected a share of images in [0, 1]")
     if "epsilon" in values and not 0.0 < values["epsilon"] <= 1.0:
         raise HardenError(f"epsilon={values['epsilon']}: expected a bound on the additive triggers' pixel change in (0, 1]")
     if "anchor" in values and values["anchor"] <= 0:
@@ -163,6 +167,12 @@ def reversed_asr(module: nn.Module, data: LabelledDataset, triggers: list[Stamp]
     return max(evaluate(module, data, trigger=t, target=t.target, device=device).asr or 0.0 for t in triggers)
 
 
+@torch.no_grad()
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every state entry (weights and buffers)."""
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
 class BestCheckpoint:
     """Keeps the weights with the best validation score (accuracy minus reversed-trigger ASR).
 
@@ -191,11 +201,8 @@ class BestCheckpoint:
         self.tolerance = 1.0 / max(len(ctx.validation), 1) + 1e-9
         self.best_state: dict[str, torch.Tensor] | None = None
         self.average = average
-        self.shadow = self._state() if average > 0 else None
+        self.shadow = snapshot(self.model) if average > 0 else None
         self.update()
-
-    def _state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     @torch.no_grad()
     def step(self) -> None:
@@ -211,7 +218,7 @@ class BestCheckpoint:
     def update(self, *_: Any) -> float:
         current = None
         if self.shadow is not None:
-            current = self._state()
+            current = snapshot(self.model)
             self.model.load_state_dict(self.shadow)
         view = self.ctx.view(self.model)
         accuracy = evaluate(view, self.ctx.validation, device=self.ctx.device).accuracy
@@ -220,7 +227,7 @@ class BestCheckpoint:
         self.history.append({"accuracy": accuracy, "reversed_asr": asr, "score": score})
         self.best_score = max(self.best_score, score)
         if score >= self.best_score - self.tolerance:  # the latest epoch within one image of the best so far
-            self.best_state = self._state()
+            self.best_state = snapshot(self.model)
         if current is not None:
             self.model.load_state_dict(current)
         return score

@@ -6,7 +6,10 @@ it breaks the trigger → target shortcut. Every `refresh_epochs` the bounded ad
 triggers are re-optimised against the model being trained (see `TriggerChaser`), so the
 unlearning chases what is left of a full-image backdoor instead of one fixed δ. What is
 validated after each epoch, and kept if best, is a running average of the weights
-(`average`, see BestCheckpoint).
+(`average`, see BestCheckpoint). At the end the kept weights are walked back toward the source
+as long as a re-optimised reversed trigger finds no more to exploit and validation accuracy holds
+(`retreat`, see harden/purify/retreat.py): fine-tuning on a few dozen images costs accuracy that
+the first steps back recover.
 
 `distill` adds distillation toward the source model on the unstamped rows. It is off by
 default: on the zoo's BatchNorm models it held the purified model close to the backdoored one
@@ -23,8 +26,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from harden.data import make_loader
-from harden.purify.base import BestCheckpoint, Method, MethodOutput, PurifyContext, distillation, frozen_teacher, register_method
+from harden.purify.base import BestCheckpoint, Method, MethodOutput, PurifyContext, distillation, frozen_teacher, register_method, snapshot
 from harden.purify.encoder import receive_unlearning_loss
+from harden.purify.retreat import retreat
 from harden.purify.triggers import TriggerChaser, stamp_fraction
 from harden.training import TrainConfig, fit
 
@@ -37,11 +41,13 @@ class TriggerUnlearn(Method):
     defaults = {"epochs": 40, "lr": 5e-4, "batch_size": 64, "optimizer": "adam", "trigger_fraction": 0.3, "distill": 0.0,
                 "bn_mode": "update", "beta": 1.0,  # beta: weight of RECEIVE's alignment term (encoders)
                 "refresh_epochs": 4, "refresh_steps": 10,  # re-optimise the additive triggers every N epochs (0: never)
-                "average": 0.9}  # per-step decay of the weight average that is validated and kept (0: the raw weights)
+                "average": 0.9,  # per-step decay of the weight average that is validated and kept (0: the raw weights)
+                "retreat": 0.5, "retreat_margin": 0.05}  # at most how far back toward the source, judged by a re-found trigger (0: off)
 
     def run(self, ctx: PurifyContext) -> MethodOutput:
         params = dict(ctx.settings)
         model = ctx.source.trainable().to(ctx.device)
+        source_state = snapshot(model)
         teacher = frozen_teacher(ctx)
         generator = ctx.generator(1)
         interval = params["refresh_epochs"] * len(make_loader(ctx.train, params["batch_size"]))  # in optimiser steps
@@ -72,4 +78,7 @@ class TriggerUnlearn(Method):
         fit(model, ctx.train, config, loss_fn=loss_fn, device=ctx.device, on_epoch_end=checkpoint.update,
             after_step=after_step, description="unlearning reversed trigger")
         checkpoint.restore()
-        return MethodOutput(model, {**params, "triggers": [t.to_dict() for t in ctx.triggers]}, checkpoint.history)
+        used = {**params, "triggers": [t.to_dict() for t in ctx.triggers]}
+        if ctx.task == "classifier":
+            used.update(retreat(model, source_state, ctx, limit=params["retreat"], margin=params["retreat_margin"]).to_dict())
+        return MethodOutput(model, used, checkpoint.history)
