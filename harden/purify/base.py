@@ -181,8 +181,8 @@ class BestCheckpoint:
     few hundred images" and "an ascent step wrecked the model" recoverable.
 
     A score at most one validation image below the best so far counts as a tie, and ties go
-    to the later epoch, which has done more unlearning. With 18 validation images (a fifth of
-    90), one image moves the score by 0.056, and the strict maximum sometimes kept an early,
+    to the later epoch, which has done more unlearning. With 20 validation images (a fifth
+    of 90), one image moves the score by 0.05, and the strict maximum sometimes kept an early,
     still backdoored epoch: on the zoo's 12 models and two draws of the clean set,
     trigger-unlearn met the target on 20 of 24 that way and on 22 of 24 with this rule
     (README: Purifying a model, Benchmark).
