@@ -298,7 +298,7 @@ def test_cli_purifies_registers_and_aliases_the_demo(demo, run_cli, tmp_path):
     report_file, out_dir = tmp_path / "purify.json", tmp_path / "purified"
     code, _, err = run_cli("purify", demo.model_uri, "--data", demo.data_dir / "clean.npz", "--method", "trigger-unlearn",
                            "--trigger", demo.trigger, "--target", demo.target, "--test-data", demo.data_dir / "test.npz", "--triggers", "1",
-                           "--alias", "hardened", "--output", out_dir, "--format", "json", "--report", report_file, "-q")
+                           "--set", "retreat=0.5", "--alias", "hardened", "--output", out_dir, "--format", "json", "--report", report_file, "-q")
     assert code == 0, err
     report = json.loads(report_file.read_text())
     assert report["schema"] == "harden.purify/1"

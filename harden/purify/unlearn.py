@@ -6,10 +6,11 @@ it breaks the trigger → target shortcut. Every `refresh_epochs` the bounded ad
 triggers are re-optimised against the model being trained (see `TriggerChaser`), so the
 unlearning chases what is left of a full-image backdoor instead of one fixed δ. What is
 validated after each epoch, and kept if best, is a running average of the weights
-(`average`, see BestCheckpoint). At the end the kept weights are walked back toward the source
-as long as a re-optimised reversed trigger finds no more to exploit and validation accuracy holds
-(`retreat`, see harden/purify/retreat.py): fine-tuning on a few dozen images costs accuracy that
-the first steps back recover.
+(`average`, see BestCheckpoint). With `retreat` > 0 the kept weights are then walked back toward
+the source as long as a re-optimised reversed trigger finds no more to exploit and validation
+accuracy holds (see harden/purify/retreat.py): fine-tuning on a few dozen images costs accuracy
+that the first steps back recover. It is off by default because on some models it also let part
+of the backdoor back, which no guardrail sees when the real trigger is unknown.
 
 `distill` adds distillation toward the source model on the unstamped rows. It is off by
 default: on the zoo's BatchNorm models it held the purified model close to the backdoored one
@@ -37,12 +38,13 @@ from harden.training import TrainConfig, fit
 class TriggerUnlearn(Method):
     name = "trigger-unlearn"
     description = "fine-tune on clean data stamped with the reversed trigger(s), true labels (optionally distilled toward the source)"
-    accuracy_advice = "Distil toward the source model with --set distill=0.5 --set lr=0.001 (it kept a network without BatchNorm accurate)."
+    accuracy_advice = ("Distil toward the source model with --set distill=0.5 --set lr=0.001 (it kept a network without BatchNorm "
+                       "accurate), or walk back toward it with --set retreat=0.5 (it won accuracy back on BatchNorm CNNs).")
     defaults = {"epochs": 40, "lr": 5e-4, "batch_size": 64, "optimizer": "adam", "trigger_fraction": 0.3, "distill": 0.0,
                 "bn_mode": "update", "beta": 1.0,  # beta: weight of RECEIVE's alignment term (encoders)
                 "refresh_epochs": 4, "refresh_steps": 10,  # re-optimise the additive triggers every N epochs (0: never)
                 "average": 0.9,  # per-step decay of the weight average that is validated and kept (0: the raw weights)
-                "retreat": 0.5, "retreat_margin": 0.05}  # at most how far back toward the source, judged by a re-found trigger (0: off)
+                "retreat": 0.0, "retreat_margin": 0.05}  # at most how far back toward the source, judged by a re-found trigger (0: off)
 
     def run(self, ctx: PurifyContext) -> MethodOutput:
         params = dict(ctx.settings)
