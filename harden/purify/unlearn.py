@@ -49,7 +49,7 @@ class TriggerUnlearn(Method):
     def run(self, ctx: PurifyContext) -> MethodOutput:
         params = dict(ctx.settings)
         model = ctx.source.trainable().to(ctx.device)
-        source_state = snapshot(model)
+        source_state = snapshot(model) if params["retreat"] > 0 else {}  # only the walk back reads it (a no-op at 0)
         teacher = frozen_teacher(ctx)
         generator = ctx.generator(1)
         interval = params["refresh_epochs"] * len(make_loader(ctx.train, params["batch_size"]))  # in optimiser steps
