@@ -27,7 +27,7 @@ from harden.models import create_model, load_model
 from harden.models.wrappers import PixelModel
 from harden.publish import Publication, publish
 from harden.purify import PurifyResult, purify
-from harden.purify.base import BestCheckpoint, PurifyContext, options_from_pairs
+from harden.purify.base import METHODS, SETTING_RULES, BestCheckpoint, PurifyContext, options_from_pairs
 from harden.purify.nft import MaskedNetwork, anchored_cross_entropy, find_mask_sites, lower_bounds, mixup_weight
 from harden.purify.retreat import retreat
 from harden.purify.triggers import AdditiveTrigger, ReversedTrigger, TriggerChaser, refreshed
@@ -427,6 +427,18 @@ def test_unknown_pt2_architecture_is_purified_and_stays_pt2(mlflow_home, digits_
     assert sorted(purified.module.net.state_dict()) == sorted(load_model("models:/outside-cnn/1").module.net.state_dict())
 
 
+def test_every_default_setting_obeys_its_own_rule():
+    """The rules refuse a user's value before any work; a default outside them would be refused as an override
+    of itself, and a numeric setting without any rule would let any value through to a crash minutes later."""
+    for method in METHODS.values():
+        rules = {**SETTING_RULES, **method.rules}
+        for key, default in method.defaults.items():
+            if isinstance(default, bool):
+                continue
+            assert key in rules, f"{method.name}.{key} has no rule"
+            assert rules[key].allowed(default), f"{method.name}.{key}={default} breaks its rule: {rules[key].expected}"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "wobble=3"], "unknown setting"),
     (["--set", "epochs=many"], "expected int"),
@@ -434,6 +446,10 @@ def test_unknown_pt2_architecture_is_purified_and_stays_pt2(mlflow_home, digits_
     (["--set", "retreat=1.5"], "expected how far back toward the source to look"),
     (["--method", "nft", "--set", "anchor=0"], "expected a positive loss weight"),
     (["--method", "nft", "--set", "epsilon=0"], "expected a bound on the additive triggers"),
+    (["--method", "nft", "--set", "placement=everywhere"], "placement=everywhere: expected one of auto, bn, conv, bn+conv"),
+    (["--set", "optimizer=rmsprop"], "optimizer=rmsprop: expected one of adam, adamw, sgd"),
+    (["--set", "lr=-1e-3"], "lr=-0.001: expected a number above 0"),
+    (["--set", "epochs=0"], "epochs=0: expected a count of at least 1"),
     (["--set", "inversion.lr=fast"], "setting inversion.lr='fast': expected float"),
     (["--method", "unlearn-relearn"], "needs the suspect training set"),
     (["--trigger", "grid_paste"], "--trigger needs --target"),

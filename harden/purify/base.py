@@ -17,6 +17,7 @@ from harden.models.loader import LoadedModel
 from harden.models.wrappers import PixelModel
 from harden.purify.triggers import Stamp
 from harden.scan.inversion import InversionConfig
+from harden.training import OPTIMIZERS
 
 
 # freeze: BatchNorm keeps the statistics the model was trained with (a few hundred clean images,
@@ -45,27 +46,52 @@ class PurifyContext:
         return torch.Generator().manual_seed(self.seed + offset)
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What one setting may be: `allowed(value)`, and how the error says what was expected."""
+
+    allowed: Callable[[Any], bool]
+    expected: str
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(lambda value: value in choices, f"one of {', '.join(choices)}")
+
+
+COUNT = Rule(lambda value: value >= 1, "a count of at least 1")
+POSITIVE = Rule(lambda value: value > 0, "a number above 0")
+NON_NEGATIVE = Rule(lambda value: value >= 0, "a number of at least 0")
+SHARE = Rule(lambda value: 0 <= value <= 1, "a share in [0, 1]")
+
+# The range of every setting, by name, whichever method takes it; a method adds its own in `Method.rules`.
+# Checked with the names before any work, so a bad value is a one-line error, not a crash after minutes
+# of trigger reversal.
+SETTING_RULES: dict[str, Rule] = {
+    "epochs": COUNT, "steps": COUNT, "rounds": COUNT, "batch_size": COUNT,
+    "lr": POSITIVE, "final_lr": NON_NEGATIVE, "regulariser": NON_NEGATIVE, "distill": NON_NEGATIVE, "beta": NON_NEGATIVE,
+    "mixup_alpha": NON_NEGATIVE, "refresh_every": NON_NEGATIVE, "refresh_epochs": NON_NEGATIVE, "refresh_steps": NON_NEGATIVE,
+    "ascent_floor": SHARE, "ascent_cap": POSITIVE, "trigger_fraction": SHARE, "retreat_margin": SHARE,
+    "optimizer": one_of(*OPTIMIZERS), "bn_mode": one_of(*BN_MODES),
+    "average": Rule(lambda value: 0 <= value < 1, "a decay in [0, 1) (0: keep the raw weights)"),
+    "retreat": Rule(lambda value: 0 <= value <= 1, "how far back toward the source to look, in [0, 1] (0: off)"),
+    "epsilon": Rule(lambda value: 0 < value <= 1, "a bound on the additive triggers' pixel change in (0, 1]"),
+    "anchor": Rule(lambda value: value > 0, "a positive loss weight (1: every image alike)"),
+}
+
+
 def resolve_settings(method: "Method", overrides: dict[str, Any]) -> dict[str, Any]:
-    """The method's defaults overridden by the user's, each coerced to its default's type;
-    unknown names are errors (checked before any work is done)."""
+    """The method's defaults overridden by the user's, each coerced to its default's type and
+    checked against its rule; unknown names are errors (checked before any work is done)."""
     unknown = sorted(set(overrides) - set(method.defaults))
     if unknown:
         raise HardenError(f"unknown setting(s) {', '.join(unknown)} for {method.name}; it takes: {', '.join(method.defaults)}")
     values = dict(method.defaults)
+    rules = {**SETTING_RULES, **method.rules}
     for key, value in overrides.items():
         values[key] = _coerce(key, value, method.defaults[key])
-    if "bn_mode" in values and values["bn_mode"] not in BN_MODES:
-        raise HardenError(f"bn_mode {values['bn_mode']!r}: expected one of {', '.join(BN_MODES)}")
-    if "average" in values and not 0.0 <= values["average"] < 1.0:
-        raise HardenError(f"average={values['average']}: expected a decay in [0, 1) (0: keep the raw weights)")
-    if "retreat" in values and not 0.0 <= values["retreat"] <= 1.0:
-        raise HardenError(f"retreat={values['retreat']}: expected how far back toward the source to look, in [0, 1] (0: off)")
-    if "retreat_margin" in values and not 0.0 <= values["retreat_margin"] <= 1.0:
-        raise HardenError(f"retreat_margin={values['retreat_margin']}: expected a share of images in [0, 1]")
-    if "epsilon" in values and not 0.0 < values["epsilon"] <= 1.0:
-        raise HardenError(f"epsilon={values['epsilon']}: expected a bound on the additive triggers' pixel change in (0, 1]")
-    if "anchor" in values and values["anchor"] <= 0:
-        raise HardenError(f"anchor={values['anchor']}: expected a positive loss weight (1: every image alike)")
+        rule = rules.get(key)
+        if rule is not None and not rule.allowed(values[key]):
+            raise HardenError(f"{key}={values[key]}: expected {rule.expected}")
     return values
 
 
@@ -144,6 +170,7 @@ class Method:
     name: str = ""
     description: str = ""
     defaults: dict[str, Any] = {}  # every setting the method takes (`--set KEY=VALUE`), with its default
+    rules: dict[str, Rule] = {}  # the method's own settings' ranges, beside the shared SETTING_RULES
     needs_train_data = False
     accuracy_advice = ""  # what to try first when the accuracy guardrail trips
 

@@ -65,7 +65,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from harden.errors import HardenError
 from harden.models.wrappers import PixelModel
-from harden.purify.base import BestCheckpoint, Method, MethodOutput, PurifyContext, register_method
+from harden.purify.base import BestCheckpoint, Method, MethodOutput, PurifyContext, one_of, register_method
 from harden.purify.triggers import TriggerChaser, stamp_fraction
 from harden.training import TrainConfig, fit
 
@@ -241,6 +241,7 @@ class NeuralMaskFineTuning(Method):
     defaults = {"steps": 400, "rounds": 5, "batch_size": 128, "lr": 0.05, "final_lr": 0.02, "regulariser": 1e-3, "bounds": "none",
                 "placement": "bn+conv", "bn_mode": "freeze", "trigger_fraction": 0.5, "granularity": "weight",
                 "refresh_every": 30, "refresh_steps": 10, "epsilon": 0.15, "mixup_alpha": 0.2, "anchor": 2.0}
+    rules = {"placement": one_of(*PLACEMENTS), "bounds": one_of(*BOUNDS), "granularity": one_of(*GRANULARITIES)}
 
     def run(self, ctx: PurifyContext) -> MethodOutput:
         params = dict(ctx.settings)
