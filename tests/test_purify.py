@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -27,10 +28,11 @@ from harden.models import create_model, load_model
 from harden.models.wrappers import PixelModel
 from harden.publish import Publication, publish
 from harden.purify import PurifyResult, purify
-from harden.purify.base import METHODS, SETTING_RULES, BestCheckpoint, PurifyContext, options_from_pairs
+from harden.purify.base import INVERSION_RULES, METHODS, SETTING_RULES, BestCheckpoint, PurifyContext, options_from_pairs
 from harden.purify.nft import MaskedNetwork, anchored_cross_entropy, find_mask_sites, lower_bounds, mixup_weight
 from harden.purify.retreat import retreat
 from harden.purify.triggers import AdditiveTrigger, ReversedTrigger, TriggerChaser, refreshed
+from harden.scan.inversion import InversionConfig
 
 FAST_INVERSION = {"max_steps": 60, "probe_per_class": 6}
 
@@ -430,13 +432,13 @@ def test_unknown_pt2_architecture_is_purified_and_stays_pt2(mlflow_home, digits_
 def test_every_default_setting_obeys_its_own_rule():
     """The rules refuse a user's value before any work; a default outside them would be refused as an override
     of itself, and a numeric setting without any rule would let any value through to a crash minutes later."""
-    for method in METHODS.values():
-        rules = {**SETTING_RULES, **method.rules}
-        for key, default in method.defaults.items():
+    inversion = {field.name: field.default for field in dataclasses.fields(InversionConfig)}
+    for name, defaults, rules in [(m.name, m.defaults, {**SETTING_RULES, **m.rules}) for m in METHODS.values()] + [("inversion", inversion, INVERSION_RULES)]:
+        for key, default in defaults.items():
             if isinstance(default, bool):
                 continue
-            assert key in rules, f"{method.name}.{key} has no rule"
-            assert rules[key].allowed(default), f"{method.name}.{key}={default} breaks its rule: {rules[key].expected}"
+            assert key in rules, f"{name}.{key} has no rule"
+            assert rules[key].allowed(default), f"{name}.{key}={default} breaks its rule: {rules[key].expected}"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -451,6 +453,7 @@ def test_every_default_setting_obeys_its_own_rule():
     (["--set", "lr=-1e-3"], "lr=-0.001: expected a number above 0"),
     (["--set", "epochs=0"], "epochs=0: expected a count of at least 1"),
     (["--set", "inversion.lr=fast"], "setting inversion.lr='fast': expected float"),
+    (["--set", "inversion.strategy=fast"], "inversion.strategy=fast: expected one of auto, loop, batched"),
     (["--method", "unlearn-relearn"], "needs the suspect training set"),
     (["--trigger", "grid_paste"], "--trigger needs --target"),
     (["--max-asr", "1.5"], "--max-asr 1.5: expected a fraction between 0 and 1"),

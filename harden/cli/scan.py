@@ -29,8 +29,8 @@ def _checks(_ctx, _param, value: str | None) -> list[str] | None:
 @click.option("--train-data", default=None, help="The suspect training set, for the sensitivity test (D-BR).")
 @click.option("--task", type=click.Choice(TASKS), default="classifier", show_default=True)
 @click.option("--checks", callback=_checks, default=None, help="Comma-separated checks (default: all that apply to --task).")
-@click.option("--probe-per-class", type=int, default=10, show_default=True, help="Clean probe images per class for trigger inversion.")
-@click.option("--max-steps", type=int, default=200, show_default=True, help="Hard cap on inversion steps per class.")
+@click.option("--probe-per-class", type=click.IntRange(1), default=10, show_default=True, help="Clean probe images per class for trigger inversion.")
+@click.option("--max-steps", type=click.IntRange(1), default=200, show_default=True, help="Hard cap on inversion steps per class.")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default="auto", show_default=True,
               help="Inversion execution: auto groups classes per forward pass up to 256 images of 32x32 (fastest measured, "
                    "CPU and GPU); loop runs one class at a time (least memory); batched runs all classes in one pass.")

@@ -16,7 +16,7 @@ from harden.evaluation import evaluate
 from harden.models.loader import LoadedModel
 from harden.models.wrappers import PixelModel
 from harden.purify.triggers import Stamp
-from harden.scan.inversion import InversionConfig
+from harden.scan.inversion import STRATEGIES, InversionConfig
 from harden.training import OPTIMIZERS
 
 
@@ -85,17 +85,20 @@ def resolve_settings(method: "Method", overrides: dict[str, Any]) -> dict[str, A
     unknown = sorted(set(overrides) - set(method.defaults))
     if unknown:
         raise HardenError(f"unknown setting(s) {', '.join(unknown)} for {method.name}; it takes: {', '.join(method.defaults)}")
-    values = dict(method.defaults)
     rules = {**SETTING_RULES, **method.rules}
-    for key, value in overrides.items():
-        values[key] = _coerce(key, value, method.defaults[key])
-        rule = rules.get(key)
-        if rule is not None and not rule.allowed(values[key]):
-            raise HardenError(f"{key}={values[key]}: expected {rule.expected}")
-    return values
+    return {**method.defaults, **{key: _checked(key, value, method.defaults[key], rules.get(key)) for key, value in overrides.items()}}
 
 
 INVERSION_PREFIX = "inversion."
+INVERSION_RULES: dict[str, Rule] = {
+    **{name: COUNT for name in ("probe_per_class", "batch_size", "warmup_batch_size", "max_steps", "structured_batch_size", "warp_grid")},
+    **{name: NON_NEGATIVE for name in ("warmup_steps", "patience", "early_stop_patience", "early_stop_tol", "margin_starts", "margin_steps",
+                                       "warp_steps", "stripe_steps", "separable_steps")},
+    **{name: POSITIVE for name in ("lr", "init_cost", "cost_up", "cost_down", "batch_pixels", "warp_budget", "stripe_lr")},
+    "success_asr": SHARE, "init_mask": SHARE, "stripe_epsilon": SHARE, "separable_epsilon": SHARE,
+    "keep_fraction": Rule(lambda value: 0 < value <= 1, "a share of the classes in (0, 1] (1: no pruning)"),
+    "strategy": one_of(*STRATEGIES),
+}
 
 
 def inversion_config(overrides: dict[str, Any]) -> InversionConfig:
@@ -104,7 +107,8 @@ def inversion_config(overrides: dict[str, Any]) -> InversionConfig:
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise HardenError(f"unknown inversion setting(s) {', '.join(unknown)}; known: {', '.join(defaults)}")
-    return InversionConfig(**{key: _coerce(INVERSION_PREFIX + key, value, defaults[key]) for key, value in overrides.items()})
+    return InversionConfig(**{key: _checked(INVERSION_PREFIX + key, value, defaults[key], INVERSION_RULES.get(key))
+                              for key, value in overrides.items()})
 
 
 def split_settings(method: "Method", pairs: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -144,6 +148,14 @@ def options_from_pairs(pairs: list[str]) -> dict[str, dict[str, str]]:
             raise HardenError(usage) from None
         options.setdefault(method.strip(), {}).update(parsed)
     return options
+
+
+def _checked(key: str, value: Any, default: Any, rule: Rule | None) -> Any:
+    """`value` coerced to its default's type, refused when it breaks its rule."""
+    value = _coerce(key, value, default)
+    if rule is not None and not rule.allowed(value):
+        raise HardenError(f"{key}={value}: expected {rule.expected}")
+    return value
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
