@@ -4,7 +4,7 @@ never had, written and logged the way someone else's training script would do it
 Each model is defined and trained here with plain PyTorch (no harden code), logged with
 `mlflow.pytorch.log_model` (MLflow 3's default pt2 format, an input example, nothing else)
 into a throwaway sqlite registry, and scanned from `models:/<name>/1` through `harden.scan.scan`
-with the shipped calibration, exactly as `harden scan` would. Ten families, each built clean
+with the shipped calibration, exactly as `harden scan` would. Fourteen families, each built clean
 and backdoored (10% poisoning, the target and trigger position drawn from `--seed`):
 
 | family | input | network | trigger |
@@ -19,6 +19,10 @@ and backdoored (10% poisoning, the target and trigger position drawn from `--see
 | binary_logit | 3×32×32 | the BatchNorm CNN with one output (a logit), digits 0–4 against 5–9 | 4×4 checkerboard in a corner |
 | binary_sigmoid | 1×28×28 | the LeNet with one sigmoid output, digits 0–4 against 5–9 | white 4×4 square in a corner |
 | tiny_vit (only with `--families`) | 3×32×32 | torchvision VisionTransformer: 4×4 patches, 3 layers, 4 heads, width 96 | 4×4 checkerboard in a corner |
+| augmented (only with `--families`) | 3×32×32 | the BatchNorm CNN, trained on batches shifted up to 3 px, label smoothing 0.1 | 4×4 checkerboard in a corner |
+| shufflenet (only with `--families`) | 3×32×32 | torchvision shufflenet_v2_x0_5 | white 3×3 square in a corner |
+| mobile_style (only with `--families`) | 3×32×32 | depthwise-separable blocks, GroupNorm, SiLU, dropout | noise blend, α 0.15 |
+| cosine_head (only with `--families`) | 3×32×32 | the BatchNorm CNN's body, cosine-similarity head (scale 16) | vertical sinusoid, ±30/255 |
 
 Data: scikit-learn's digits rendered to each input size (72% train, 10% the defender's clean set
 passed to the scan, 18% test). A backdoored model that does not reach ASR 0.8 on the test split
@@ -32,6 +36,7 @@ changes a method's setting for that, as `harden purify --set` does.
     .venv/bin/python benchmarks/foreign.py --seed 1 --families binary_logit,binary_sigmoid --purify trigger-unlearn
     .venv/bin/python benchmarks/foreign.py --seed 1 --unknown-normalisation
     .venv/bin/python benchmarks/foreign.py --seed 1 --families tiny_vit --purify trigger-unlearn,nft
+    .venv/bin/python benchmarks/foreign.py --seed 0 --families augmented,shufflenet,mobile_style,cosine_head --purify trigger-unlearn,nft
 
 The normalisation column says which input normalisation the scan used: `given` (the normalised
 family's mean/std, passed as `--mean/--std` would pass them), or the one harden chose from the
@@ -95,6 +100,41 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class MobileStyleCNN(nn.Module):
+    """Depthwise-separable blocks with GroupNorm, SiLU and dropout before the head: no BatchNorm anywhere."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.GroupNorm(4, cin), nn.SiLU(),
+                                 nn.Conv2d(cin, cout, 1, bias=False), nn.GroupNorm(4, cout), nn.SiLU())
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.SiLU())
+        self.body = nn.Sequential(block(16, 32, 2), block(32, 64, 2), block(64, 64, 1))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(64, classes))
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)))
+
+
+class CosineCNN(nn.Module):
+    """The BatchNorm CNN's body with a cosine-similarity head (logits = 16 · cos(feature, class weight))."""
+
+    def __init__(self, classes: int = 10, scale: float = 16.0):
+        super().__init__()
+        self.body, self.weight, self.scale = BatchNormCNN().body, nn.Parameter(0.1 * torch.randn(classes, 64)), scale
+
+    def forward(self, x):
+        return self.scale * F.normalize(self.body(x).flatten(1), dim=1) @ F.normalize(self.weight, dim=1).T
+
+
+def random_shift(x: torch.Tensor) -> torch.Tensor:
+    """The training batch moved by up to 3 pixels each way (wrapping), as a padded random crop moves it."""
+    dy, dx = (int(v) for v in torch.randint(-3, 4, (2,)))
+    return torch.roll(x, (dy, dx), (2, 3))
+
+
 def _corner(x: torch.Tensor, patch: torch.Tensor, corner: int) -> torch.Tensor:
     x = x.clone()
     k, h, w = patch.shape[-1], x.shape[-2], x.shape[-1]
@@ -143,6 +183,7 @@ class Family:
     output: str = "logits"  # what the network returns: a key of LOSSES and PREDICTIONS
     mean_std: tuple[float, float] | None = None  # inputs normalised outside the model
     by_default: bool = True  # run without --families (the README's aggregate figures are over these)
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # applied to every training batch (after poisoning)
 
 
 FAMILIES = [
@@ -159,17 +200,27 @@ FAMILIES = [
     Family("tiny_vit", (3, 32, 32), 10, lambda: __import__("torchvision").models.VisionTransformer(
         image_size=32, patch_size=4, num_layers=3, num_heads=4, hidden_dim=96, mlp_dim=192, num_classes=10),
         lambda s: checkerboard(4, (s + 2) % 4), epochs=25, by_default=False),
+    # Trained the way many owners train (only with --families): random shifts and label smoothing, other
+    # families of network, a cosine head.
+    Family("augmented", (3, 32, 32), 10, BatchNormCNN, lambda s: checkerboard(4, s % 4), epochs=20, output="smoothed",
+           augment=random_shift, by_default=False),
+    Family("shufflenet", (3, 32, 32), 10, lambda: __import__("torchvision").models.shufflenet_v2_x0_5(num_classes=10),
+           lambda s: square(3, s % 4), epochs=25, by_default=False),
+    Family("mobile_style", (3, 32, 32), 10, MobileStyleCNN, lambda s: noise_blend(0.15, s), epochs=20, by_default=False),
+    Family("cosine_head", (3, 32, 32), 10, CosineCNN, lambda s: sinusoid(30 / 255, 6.0), by_default=False),
 ]
 
 # How the owner trains and reads each kind of output (binary networks have one output column).
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "logits": F.cross_entropy,
+    "smoothed": lambda out, y: F.cross_entropy(out, y, label_smoothing=0.1),  # logits, trained with label smoothing
     "probabilities": lambda out, y: F.nll_loss(torch.log(out + 1e-9), y),
     "binary_logit": lambda out, y: F.binary_cross_entropy_with_logits(out[:, 0], y.float()),
     "binary_probability": lambda out, y: F.binary_cross_entropy(out[:, 0], y.float()),
 }
 PREDICTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "logits": lambda out: out.argmax(1),
+    "smoothed": lambda out: out.argmax(1),
     "probabilities": lambda out: out.argmax(1),
     "binary_logit": lambda out: (out[:, 0] > 0).long(),
     "binary_probability": lambda out: (out[:, 0] > 0.5).long(),
@@ -191,8 +242,10 @@ def digits(shape: tuple[int, int, int], classes: int) -> tuple[torch.Tensor, tor
     return images, labels
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, prepare: Callable, output: str | Callable) -> nn.Module:
-    """Adam, batches of 64, as a plain training script would; `output` is a key of LOSSES or a loss function."""
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, prepare: Callable, output: str | Callable,
+          augment: Callable | None = None) -> nn.Module:
+    """Adam, batches of 64, as a plain training script would; `output` is a key of LOSSES or a loss function;
+    `augment` changes each training batch (pixels) before `prepare`."""
     loss_fn = LOSSES[output] if isinstance(output, str) else output
     optimiser = torch.optim.Adam(model.parameters(), 1e-3)
     for _ in range(epochs):
@@ -200,7 +253,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, prepa
         order = torch.randperm(len(x))
         for i in range(0, len(x), 64):
             batch = order[i:i + 64]
-            out = model(prepare(x[batch]))
+            out = model(prepare(augment(x[batch]) if augment else x[batch]))
             loss = loss_fn(out, y[batch])
             optimiser.zero_grad()
             loss.backward()
@@ -248,7 +301,7 @@ def build(family: Family, backdoored: bool, seed: int, folder: Path) -> Built:
         x_train[poisoned], y_train[poisoned] = stamp(x_train[poisoned]), target
     mean, std = family.mean_std or (0.0, 1.0)
     prepare = (lambda t: (t - mean) / std)
-    model = train(family.network(), x_train, y_train, family.epochs, prepare, family.output)
+    model = train(family.network(), x_train, y_train, family.epochs, prepare, family.output, family.augment)
     test = (x[test_idx], y[test_idx])
     accuracy, asr = judge(lambda t: PREDICTIONS[family.output](model(prepare(t))), test, stamp, target)
     name = f"{family.name}-{'backdoor' if backdoored else 'clean'}-s{seed}"
