@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from harden import distributed
 from harden.data.pipeline import make_loader
+from harden.models.graph_modes import set_training_flags
 from harden.progress import track
 from harden.runtime import training_layout
 
@@ -138,6 +139,8 @@ def _train_mode(model: nn.Module, freeze_norm_stats: bool) -> None:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
+            elif isinstance(module, torch.fx.GraphModule):
+                set_training_flags(module, False)  # a pt2 graph's BatchNorm operators (PixelModel.train)
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int):

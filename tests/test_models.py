@@ -513,6 +513,29 @@ def test_a_model_exported_in_training_mode_runs_for_inference(tmp_path):
     assert load_model(save_pt2(net, torch.rand(4, 3, 16, 16), tmp_path / "eval_mode.pt2")).training_ops == 0
 
 
+def test_a_pt2_models_batchnorm_follows_train_and_eval_while_it_is_fine_tuned(tmp_path):
+    """An exported graph refuses .train(): harden flips its BatchNorm operators' training flag instead, so
+    fine-tuning a pt2 model normalises by the batch and updates the running statistics as a module would,
+    `freeze_norm_stats` keeps them, and eval() (what is validated and published) runs on the running ones."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 14 * 14, 5)).eval()
+    model = load_model(save_pt2(net, torch.rand(4, 3, 16, 16), tmp_path / "bn.pt2")).trainable()
+    running_mean = next(v for k, v in model.net.state_dict().items() if k.endswith("running_mean"))
+    images = torch.rand(64, 3, 16, 16) * 0.5 + 0.5  # brighter than anything the statistics were taken on
+    data = TensorDataset(images, torch.randint(0, 5, (64,)))
+    fit(model, data, TrainConfig(epochs=1, lr=1e-6, batch_size=32, freeze_norm_stats=True))
+    assert torch.equal(running_mean, torch.zeros(8))
+    fit(model, data, TrainConfig(epochs=1, lr=1e-6, batch_size=32))
+    assert float(running_mean.abs().max()) > 0.01  # updated in place, momentum 0.1 per batch
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(images[:2]), model(images)[:2], atol=1e-5)  # inference again: no batch dependence
+        model.train()
+        assert not torch.allclose(model(images[:2]), model(images)[:2], atol=1e-3)
+    model.eval()
+
+
 def test_a_channels_last_model_gets_permuted_images_and_is_published_as_it_was(tmp_path, mlflow_home):
     """A network of (batch, 32, 32, 3) images (ported from Keras, or fed HWC arrays): harden reads the
     3x32x32 image, permutes its images to the network's layout, and publishes the network with its own input."""

@@ -30,6 +30,7 @@ from torch import nn
 
 from harden import tracking
 from harden.errors import ModelLoadError, UnsafeModelError
+from harden.models.graph_modes import INFERENCE_FLAGS, set_training_flags
 from harden.models.registry import create_model, get_arch
 from harden.models.safety import pt2_pickled_members, scan_pickles
 from harden.models.spec import InputSpec, RegisteredVersion
@@ -70,8 +71,9 @@ class LoadedModel:
 
         A known architecture is rebuilt as a plain `nn.Module` with these weights. An
         unknown one is trained as it was loaded: a pt2 GraphModule's parameters take
-        gradients like any module's (its BatchNorm layers keep their exported eval
-        statistics), and a pickled module (loaded only with --allow-pickle) is copied.
+        gradients like any module's (its BatchNorm operators follow `.train()`/`.eval()` through
+        their training flag, see `PixelModel.train`), and a pickled module (loaded only with
+        --allow-pickle) is copied.
         """
         self.require_trainable()
         static_batch = None
@@ -597,19 +599,6 @@ def _non_image_sample_shape(shape: Sequence[Any] | None) -> tuple[int, ...] | No
     return None
 
 
-# Operators whose training flag torch.export bakes into the graph, and that flag's position.
-_TRAINING_FLAG = {
-    torch.ops.aten.batch_norm.default: 5,
-    torch.ops.aten._native_batch_norm_legit.default: 5,
-    torch.ops.aten._native_batch_norm_legit_functional.default: 5,
-    torch.ops.aten.dropout.default: 2,
-    torch.ops.aten.native_dropout.default: 2,
-    torch.ops.aten.feature_dropout.default: 2,
-    torch.ops.aten.alpha_dropout.default: 2,
-    torch.ops.aten.feature_alpha_dropout.default: 2,
-}
-
-
 def _for_inference(net: torch.fx.GraphModule) -> int:
     """Switch dropout and BatchNorm captured in training mode to inference; returns how many.
 
@@ -618,15 +607,7 @@ def _for_inference(net: torch.fx.GraphModule) -> int:
     its own statistics (and overwrites the running ones), so every output depends on what else
     is in the batch. Served that way it would be wrong too; harden runs it as its owner meant.
     """
-    changed = 0
-    for node in net.graph.nodes:
-        index = _TRAINING_FLAG.get(node.target) if node.op == "call_function" else None
-        if index is not None and len(node.args) > index and node.args[index] is True:
-            node.args = (*node.args[:index], False, *node.args[index + 1:])
-            changed += 1
-    if changed:
-        net.recompile()
-    return changed
+    return set_training_flags(net, False, INFERENCE_FLAGS)
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from harden.errors import ModelLoadError
+from harden.models.graph_modes import set_training_flags
 
 
 def network_logits(out: Any, element: int = 0) -> torch.Tensor:
@@ -123,11 +124,18 @@ class PixelModel(nn.Module):
         self.normalize = True
 
     def train(self, mode: bool = True) -> "PixelModel":
+        """A pt2 graph's `.train()` (which ExportedProgram.module() refuses) would not reach the training flag
+        torch.export baked into each operator: its BatchNorm operators are switched instead, so that
+        fine-tuning normalises by the batch and updates the running statistics, as a module's BatchNorm
+        does (its dropout stays off). Not for an export that takes a fixed batch: it is fed in chunks
+        padded with copies of one image, whose statistics would be the chunk's, not the data's."""
         self.training = mode
         try:
             self.net.train(mode)
         except NotImplementedError:
-            pass  # torch.export GraphModules stay in the mode they were exported in (eval)
+            pass  # ExportedProgram.module() refuses it
+        if isinstance(self.net, torch.fx.GraphModule) and self.static_batch is None:
+            set_training_flags(self.net, mode)
         return self
 
     def _forward_net(self, x: torch.Tensor) -> torch.Tensor:

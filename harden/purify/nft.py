@@ -47,8 +47,8 @@ channel (depth bounds, 30% stamped before mixing) left 0.06–0.65 ASR on them.
   (2 with `anchor=2`). The target class's clean images, a tenth of each batch, are the only
   counterweight.
 - `bn_mode`: `freeze` (default) keeps the BatchNorm statistics the model was trained with;
-  `update` re-estimates them on the MixUp batches as the reference does (registry and
-  pickled modules only: pt2 GraphModules carry eval-mode BatchNorm).
+  `update` re-estimates them on the MixUp batches as the reference does (in a pt2 graph too,
+  through its BatchNorm operators' training flag: `PixelModel.train`).
 """
 
 from __future__ import annotations
@@ -246,9 +246,6 @@ class NeuralMaskFineTuning(Method):
     def run(self, ctx: PurifyContext) -> MethodOutput:
         params = dict(ctx.settings)
         model = ctx.source.trainable().to(ctx.device).eval()
-        if params["bn_mode"] == "update" and isinstance(model.net, torch.fx.GraphModule):
-            raise HardenError("NFT bn_mode=update needs a module with BatchNorm layers; pt2 GraphModules carry eval-mode "
-                              "BatchNorm: use bn_mode=freeze or pass --arch")
         sites = find_mask_sites(model, ctx.validation[0][0][None].to(ctx.device), params["placement"])
         masked = MaskedNetwork(model, sites, lower_bounds(len(sites), params["bounds"]), params["bn_mode"], params["granularity"]).to(ctx.device)
         per_class = max(len(ctx.train) / ctx.source.num_classes, 1.0)
