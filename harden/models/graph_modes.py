@@ -1,6 +1,6 @@
 """Training flags that torch.export bakes into a pt2 graph, and switching them.
 
-An exported GraphModule refuses `.train()`/`.eval()`: whether BatchNorm normalises by the batch
+An exported GraphModule refuses `.train()`/`.eval()` (a copy of one ignores them): whether BatchNorm normalises by the batch
 (and updates its running statistics) or by its running statistics, and whether dropout drops, is
 an argument of each operator in the graph. harden sets those arguments itself: to inference when
 a model was logged without `model.eval()` (models.loader), and BatchNorm's to follow
