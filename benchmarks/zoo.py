@@ -7,7 +7,8 @@ holds each architecture out in turn). Triggers from harden.attacks (patch, blend
 toward varying targets, several seeds. ResNet-18 (resnet18_cifar) models are planned the same way but built only when a
 benchmark selects them (`benchmarks/purify.py --archs resnet18_cifar`). Models are cached as safetensors under benchmarks/.zoo/ (git-ignored), so the
 scan and purify benchmarks re-use them. A "backdoored" model must reach ASR ≥ 0.8 on
-held-out data; attacks that fail to implant are recorded as such and left out.
+held-out data; attacks that fail to implant are recorded as such and left out, and so is a model
+whose training collapsed (test accuracy below MIN_ACCURACY: the scan refuses it as not fitting its data).
 
     .venv/bin/python benchmarks/zoo.py          # builds (or re-uses) the zoo, prints it
 """
@@ -39,6 +40,7 @@ ATTACKS = ("grid_paste", "blend", "sig", "wanet:k=4,s=1.0")
 EPOCHS = {"lenet5": 30}  # training epochs where the default 8 leave a zoo architecture short of ASR 0.8 on most attacks
 CLEAN_SEEDS = 30  # per architecture: the clean side of the calibration needs its own spread
 ATTACK_SEEDS = 10  # per attack and architecture
+MIN_ACCURACY = 0.5  # below it a model does not work (one WaNet small_cnn collapsed onto its target: accuracy 0.14)
 
 
 @dataclass
@@ -131,7 +133,7 @@ def build(entry: ZooModel, device: torch.device) -> ZooModel:
 def load_zoo(select: Callable[[ZooModel], bool] = lambda entry: entry.arch in ARCHS, fresh: int = 0,
              device: str = "auto") -> list[ZooModel]:
     """Build the selected models of `zoo_plan(fresh)` that are missing (on `device`, CUDA when
-    present by default); return the usable selection (failed attacks left out)."""
+    present by default); return the usable selection (failed attacks and collapsed models left out)."""
     index = ZOO_DIR / "index.json"
     known = {e["name"]: ZooModel(**e) for e in json.loads(index.read_text())} if index.exists() else {}
     entries = []
@@ -146,7 +148,7 @@ def load_zoo(select: Callable[[ZooModel], bool] = lambda entry: entry.arch in AR
             known[entry.name] = entry
             index.write_text(json.dumps([asdict(e) for e in known.values()], indent=1))
         entries.append(entry)
-    return [e for e in entries if not e.backdoored or (e.asr or 0) >= 0.8]
+    return [e for e in entries if e.accuracy >= MIN_ACCURACY and (not e.backdoored or (e.asr or 0) >= 0.8)]
 
 
 def load_zoo_model(entry: ZooModel):
