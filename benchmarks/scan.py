@@ -112,7 +112,11 @@ def verdict_metrics(probabilities: list[float], labels: list[int]) -> dict:
 CORE = ("anomaly_index", "target_margin_anomaly")  # the statistics every variant keeps
 # The calibration before it went scale-free: the smallest trigger's share of the image in place of
 # the anomaly index and the gap to the next class (harden/scan/verdict.py says why it was replaced).
-PREVIOUS = ("log_min_norm_fraction", "target_margin_anomaly", "warp_asr_above_half", "stripe_asr_above_half", "separable_asr_above_half")
+PREVIOUS = ("log_min_norm_fraction", "target_margin_anomaly", "warp_asr_above_half", "stripe_asr_above_half")
+# The calibration before the structured statistics compared classes: each family's best attack
+# success above one half (harden/scan/verdict.py says why it was replaced; its separable pattern
+# is no longer computed, so both earlier sets are scored without it).
+ABOVE_HALF = ("anomaly_index", "norm_gap", "target_margin_anomaly", "warp_asr_above_half", "stripe_asr_above_half")
 
 
 def _ablation(zoo, fresh, stats: dict, held_out: list[float]) -> Table:
@@ -122,9 +126,9 @@ def _ablation(zoo, fresh, stats: dict, held_out: list[float]) -> Table:
     already computed by the caller."""
     rows, labels, groups = [stats[e.name]["statistics"] for e in zoo], [int(e.backdoored) for e in zoo], [e.arch for e in zoo]
     variants = ([("shipped", calibration.FEATURES)]
-                + [(f"without {name.removesuffix('_above_half')}", tuple(f for f in calibration.FEATURES if f != name))
+                + [(f"without {name}", tuple(f for f in calibration.FEATURES if f != name))
                    for name in calibration.FEATURES if name not in CORE]
-                + [("previous (smallest trigger's size)", PREVIOUS)])
+                + [("structured successes above one half", ABOVE_HALF), ("previous (smallest trigger's size)", PREVIOUS)])
     held_names = ["zoo", "by architecture", "fresh"][: 2 + bool(fresh)]
     headers = ["features"] + [f"{zoo_name} {short}" for zoo_name in held_names for short in SHORT.values()]
     table_rows = []

@@ -93,9 +93,9 @@ INVERSION_PREFIX = "inversion."
 INVERSION_RULES: dict[str, Rule] = {
     **{name: COUNT for name in ("probe_per_class", "batch_size", "warmup_batch_size", "max_steps", "structured_batch_size", "warp_grid")},
     **{name: NON_NEGATIVE for name in ("warmup_steps", "patience", "early_stop_patience", "early_stop_tol", "margin_starts", "margin_steps",
-                                       "warp_steps", "stripe_steps", "separable_steps")},
+                                       "warp_steps", "stripe_steps")},
     **{name: POSITIVE for name in ("lr", "init_cost", "cost_up", "cost_down", "batch_pixels", "warp_budget", "stripe_lr")},
-    "success_asr": SHARE, "init_mask": SHARE, "stripe_epsilon": SHARE, "separable_epsilon": SHARE,
+    "success_asr": SHARE, "init_mask": SHARE, "stripe_epsilon": SHARE,
     "keep_fraction": Rule(lambda value: 0 < value <= 1, "a share of the classes in (0, 1] (1: no pruning)"),
     "strategy": one_of(*STRATEGIES),
 }

@@ -150,7 +150,7 @@ def reverse_triggers(module: torch.nn.Module, data: LabelledDataset, num_classes
     """For the `count` classes reachable with the smallest reversed triggers: the mask/pattern
     trigger and (unless `additive_epsilon` is 0) a bounded additive one, easiest class first."""
     # The structured inversions only feed the scan's verdict; unlearning uses masks and additive δs.
-    config = replace(config or InversionConfig(), warp_steps=0, stripe_steps=0, separable_steps=0)
+    config = replace(config or InversionConfig(), warp_steps=0, stripe_steps=0)
     images, labels = stratified_sample(data, config.probe_per_class, seed)
     result = invert_triggers(module, images, labels, num_classes, config, device=device, seed=seed)
     ranked = sorted(result.classes, key=lambda c: (c.norm, -c.margin))[:count]

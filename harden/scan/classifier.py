@@ -21,8 +21,9 @@ from harden.scan.verdict import REACHED, THRESHOLD, Calibration
 MIN_COVERED_CLASSES = 0.5
 
 # Stripes send ≥ 0.9 of the images to the SIG target on 17 of the 20 SIG models, and to some class
-# on 4 of the 60 clean models, of the zoos this was chosen on (benchmarks/scan.py, 137 models). In a model already judged suspect, such
-# a class ranks ahead of the smallest trigger.
+# on 4 of the 60 clean models, of the zoos this was chosen on (benchmarks/scan.py, 137 models, when
+# stripes were scored on 3 classes only). In a model already judged suspect, such a class ranks ahead
+# of the smallest trigger.
 STRIPE_SUSPECT = 0.9
 
 # The anomaly index and the margin anomaly compare a class with the median of all classes (MAD);
@@ -91,13 +92,22 @@ def _striped(trigger: ClassTrigger) -> bool:
     return (trigger.stripe_asr or 0.0) >= STRIPE_SUSPECT
 
 
+def _suspicion(trigger: ClassTrigger) -> tuple:
+    """Sort key, most suspicious first: classes reached by a sub-pixel warp (a warp backdoor's target
+    needs no small mask), then classes a stripe pattern sends nearly every image to (a SIG target),
+    each by the family's settled loss; then the rest by trigger size."""
+    if _warped(trigger):
+        return (0, trigger.warp_loss or 0.0)
+    if _striped(trigger):
+        return (1, trigger.stripe_loss or 0.0)
+    return (2, trigger.norm, -trigger.margin)
+
+
 def suspect_classes(classes: list[ClassTrigger], p_backdoor: float) -> list[int]:
-    """Classes ranked by how easy they are to reach, when the model is suspect: classes reached
-    by a sub-pixel warp first (a warp backdoor's target needs no small mask), then classes that
-    a stripe pattern sends nearly every image to (a SIG target), then by trigger size."""
+    """Classes ranked by how easy they are to reach (`_suspicion`), when the model is suspect."""
     if p_backdoor < THRESHOLD:
         return []
-    ranked = sorted(classes, key=lambda c: (not _warped(c), not _striped(c), c.norm, -c.margin))
+    ranked = sorted(classes, key=_suspicion)
     flagged = [c.target for c in ranked if c.anomaly_index > 2.0 or _warped(c) or _striped(c)]
     return [ranked[0].target] + [t for t in flagged if t != ranked[0].target]
 

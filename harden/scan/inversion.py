@@ -17,10 +17,10 @@ What makes it fast is algorithmic, not kernel-level (see benchmarks/scan.py):
   pass's images, so that large images and many classes still fit in memory.
 
 MM-BD-style maximum margins (label-free, cheap) complement the mask norm: a backdoor
-target class reaches an abnormally large logit margin from random starting images. Three
+target class reaches an abnormally large logit margin from random starting images. Two
 structured inversions (harden/scan/structured.py) cover what a mask cannot express:
 a warp backdoor's target is reached by a sub-pixel smooth warp, a SIG backdoor's by a small
-stripe pattern, and a blend's by a small separable pattern, where a clean model's classes are not.
+stripe pattern, far more easily than the model's typical class.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harden.runtime import training_layout
-from harden.scan.structured import separable_success, stripe_success, warp_success
+from harden.scan.structured import reach_every_class, stripe_transforms, warp_transforms
 
 _EPS = 1e-7
 STRATEGIES = ("auto", "loop", "batched")  # how classes share forward passes (InversionConfig.strategy)
@@ -66,22 +66,20 @@ class InversionConfig:
     verify_on_pool: bool = True  # the kept trigger must also succeed on the class's whole probe pool
     margin_starts: int = 3  # MM-BD random starts per class; 0 skips the margins
     margin_steps: int = 30
-    structured_batch_size: int = 8  # source images per warp or stripe step (8 finds the zoo's warps as 16 does, in 2/3 of the time)
+    structured_batch_size: int = 8  # source images per class per warp or stripe step (8 finds the zoo's warps as 16 does, in 2/3 of the time)
     warp_steps: int = 10  # smooth-warp inversion toward every class; 0 skips it
     warp_budget: float = 1.0  # largest pixel displacement of the inverted warp
     warp_grid: int = 4  # control points per side of the warp field (WaNet's k)
     stripe_steps: int = 15  # stripe-pattern inversion (varying along the width) toward every class; 0 skips it
     stripe_epsilon: float = 0.1  # its largest per-pixel change
     stripe_lr: float = 0.3  # a SIG target needs the full amplitude: at 0.1, 15 steps barely get there
-    separable_steps: int = 20  # separable full-image pattern toward the smallest-trigger class; 0 skips it
-    separable_epsilon: float = 0.1  # its largest per-pixel change
 
     @classmethod
     def plain_neural_cleanse(cls, steps: int = 300) -> "InversionConfig":
         """The reference behaviour: every class, a fixed number of steps, no early stop, a new best
         trigger whenever a minibatch succeeds, and none of harden's additions (pool check, margins, structured inversions)."""
         return cls(max_steps=steps, keep_fraction=1.0, early_stop=False, warmup_steps=steps, strategy="loop",
-                   verify_on_pool=False, margin_starts=0, warp_steps=0, stripe_steps=0, separable_steps=0)
+                   verify_on_pool=False, margin_starts=0, warp_steps=0, stripe_steps=0)
 
 
 @dataclass
@@ -93,10 +91,13 @@ class ClassTrigger:
     succeeded: bool
     steps: int
     margin: float = 0.0  # MM-BD maximum margin reached for this class
-    # Attack success of the best sub-pixel smooth warp / small stripe pattern (SIG-like) toward this
-    # class; None when not measured (the class was dropped after the structured warm-up, or skipped).
+    # Attack success and settled loss of the best sub-pixel smooth warp and small stripe pattern
+    # (SIG-like) toward this class (structured.py); None when not measured (skipped, or no images
+    # of other classes).
     warp_asr: float | None = None
     stripe_asr: float | None = None
+    warp_loss: float | None = None
+    stripe_loss: float | None = None
     anomaly_index: float = 0.0  # one-sided MAD index of the norm (below-median classes only)
     mask: torch.Tensor | None = field(default=None, repr=False)
     pattern: torch.Tensor | None = field(default=None, repr=False)
@@ -208,14 +209,18 @@ def _split_probe(images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple
     return images[~held], labels[~held], images[held], labels[held]
 
 
+def _passes_size(config: InversionConfig, images_per_class: int, pixels: int, classes: int) -> int:
+    """How many classes share a forward pass under `config.strategy`."""
+    if config.strategy == "loop":
+        return 1
+    if config.strategy == "batched":
+        return classes
+    return max(1, config.batch_pixels // (images_per_class * pixels))
+
+
 def _passes(active: list, images_per_class: int, pixels: int, config: InversionConfig) -> list[list]:
     """The classes optimised together in each forward pass of one step."""
-    if config.strategy == "loop":
-        size = 1
-    elif config.strategy == "batched":
-        size = len(active)
-    else:
-        size = max(1, config.batch_pixels // (images_per_class * pixels))
+    size = _passes_size(config, images_per_class, pixels, len(active))
     return [active[i:i + size] for i in range(0, len(active), size)]
 
 
@@ -283,19 +288,25 @@ def invert_triggers(
         classes.append(_finish(s, s.settle(pool_asr, config.success_asr), model, held_x, held_y))
     margins = max_margins(model, shape, num_classes, config, device=device, seed=seed)
     images, labels = images.to(device), labels.to(device)
-    warps = warp_success(model, images, labels, num_classes, steps=config.warp_steps, budget_px=config.warp_budget,
-                         grid=config.warp_grid, batch_size=config.structured_batch_size, seed=seed)
-    stripes = stripe_success(model, images, labels, num_classes, steps=config.stripe_steps, epsilon=config.stripe_epsilon,
-                             lr=config.stripe_lr, batch_size=config.structured_batch_size, seed=seed)
-    for trigger, margin, warp, stripe in zip(classes, margins, warps, stripes):
-        trigger.margin, trigger.warp_asr, trigger.stripe_asr = float(margin), warp, stripe
+    height, width = shape[1:]
+    families = {
+        "warp": (warp_transforms(height, width, config.warp_budget), (2, config.warp_grid, config.warp_grid),
+                 config.warp_steps, config.structured_batch_size, 0.1),
+        "stripe": (stripe_transforms(config.stripe_epsilon), (width,), config.stripe_steps, config.structured_batch_size, config.stripe_lr),
+    }
+    for offset, (family, (transform, raw_shape, steps, batch_size, lr)) in enumerate(families.items()):
+        reach = reach_every_class(model, images, labels, num_classes, transform, raw_shape, steps=steps, batch_size=batch_size,
+                                  lr=lr, classes_per_pass=_passes_size(config, batch_size, height * width, num_classes), seed=seed + 2 + offset)
+        for trigger, reached in zip(classes, reach):
+            if reached is not None:
+                setattr(trigger, f"{family}_asr", reached.success)
+                setattr(trigger, f"{family}_loss", reached.loss)
+    for trigger, margin in zip(classes, margins):
+        trigger.margin = float(margin)
     norms = np.array([c.norm for c in classes])
     for trigger, index in zip(classes, mad_anomaly(norms)):
         trigger.anomaly_index = float(max(index, 0.0))
-    smallest = min(classes, key=lambda c: c.norm).target
-    separable = separable_success(model, images, labels, smallest, steps=config.separable_steps,
-                                  epsilon=config.separable_epsilon, batch_size=config.batch_size, seed=seed)
-    return InversionResult(classes, statistics(classes, shape, separable), total_steps, config.strategy)
+    return InversionResult(classes, statistics(classes, shape), total_steps, config.strategy)
 
 
 @torch.no_grad()
@@ -353,9 +364,23 @@ def _best(successes) -> float:
     return float(max((v for v in successes if v is not None), default=0.0))
 
 
-def statistics(classes: list[ClassTrigger], shape: tuple[int, ...], target_separable_asr: float) -> dict[str, float]:
-    """Model-level statistics the calibrated verdict is fitted on (see harden/scan/verdict.py);
-    `target_separable_asr` is the separable pattern's success toward the smallest-trigger class."""
+_LOSS_FLOOR = 1e-4  # a family's settled loss below this counts as this: the ratio stays finite
+
+
+def _loss_ratio(losses: list[float | None]) -> float:
+    """log(median class's settled loss / the lowest): how much more easily a trigger family
+    reaches its easiest class than the model's typical class. A fragile clean model lets
+    a small full-image pattern reach many classes, and the ratio stays small; a backdoor of the
+    family makes its target far easier than the rest. 0.0 when the family was not measured."""
+    measured = np.array([loss for loss in losses if loss is not None])
+    if len(measured) < 2:
+        return 0.0
+    logs = np.log(np.maximum(measured, _LOSS_FLOOR))
+    return float(np.median(logs) - logs.min())
+
+
+def statistics(classes: list[ClassTrigger], shape: tuple[int, ...]) -> dict[str, float]:
+    """Model-level statistics the calibrated verdict is fitted on (see harden/scan/verdict.py)."""
     area = float(shape[1] * shape[2])
     ranked = sorted(classes, key=lambda c: c.norm)
     first, second = ranked[0], ranked[1] if len(ranked) > 1 else ranked[0]
@@ -365,6 +390,7 @@ def statistics(classes: list[ClassTrigger], shape: tuple[int, ...], target_separ
     else:
         gap = math.log(max(second.norm, 1e-6) / max(first.norm, 1e-6))
     margin_index = mad_anomaly(np.array([c.margin for c in classes]), low_side=False)
+    smallest = int(np.argmin([c.norm for c in classes]))
     return {
         "norm_gap": float(gap),
         "anomaly_index": float(max(c.anomaly_index for c in classes)),
@@ -373,8 +399,11 @@ def statistics(classes: list[ClassTrigger], shape: tuple[int, ...], target_separ
         "margin_anomaly": float(margin_index.max()),
         # The two signals agree on a backdoor's target: the class with the smallest trigger
         # also reaches an abnormal margin. On a clean model the largest margin is elsewhere.
-        "target_margin_anomaly": float(margin_index[int(np.argmin([c.norm for c in classes]))]),
+        "target_margin_anomaly": float(margin_index[smallest]),
         "warp_asr": _best(c.warp_asr for c in classes),
         "stripe_asr": _best(c.stripe_asr for c in classes),
-        "target_separable_asr": float(target_separable_asr),
+        # At the family's easiest class, wherever it is: a warp or SIG target need not be the
+        # smallest mask's class.
+        "warp_loss_ratio": _loss_ratio([c.warp_loss for c in classes]),
+        "stripe_loss_ratio": _loss_ratio([c.stripe_loss for c in classes]),
     }

@@ -32,24 +32,23 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 #   the next is a backdoor's signature; a clean model has several easy classes);
 # - target_margin_anomaly: the margin anomaly (MM-BD) of the smallest-trigger class; the two
 #   signals agree on a backdoor's target, on a clean model the largest margin is elsewhere;
-# - one statistic per trigger family a mask cannot express (harden/scan/structured.py): the best
-#   sub-pixel warp's success toward any class (warps), the best stripe pattern's success toward any
-#   class (SIG), and a separable full-image pattern's success toward the smallest-trigger class
-#   (blends). Stripes, not the separable pattern, carry the SIG evidence: a clean small CNN's easiest
-#   class is as reachable by a separable pattern (≥ 0.93 on 12 of 30) as a SIG target; by stripes
-#   far less often (≥ 0.9 on 4 of 30), and the SIG target is the class the stripes reach best on 19
-#   of 20 SIG models (the 137-model zoo the stripes were chosen on; benchmarks/scan.py).
+# - one statistic per trigger family a mask cannot express (harden/scan/structured.py), each
+#   comparing the model's classes with each other like the two above: log(median class's settled
+#   loss / the easiest class's) for the best sub-pixel warp (warps) and stripe pattern (SIG; it
+#   reaches the zoo's blend targets too).
 #
-# The structured statistics enter only by how far they exceed one half ("most images reach the
-# class"): they are evidence for their own trigger family, and a low value says nothing about a
-# patch backdoor. Entered raw, a patch backdoor's low separable success pulled its p_backdoor
-# down (a fresh-zoo BadNets model with a 4.7-pixel reversed trigger scored 0.014).
+# The structured statistics used to be the attack success of the best trigger, counted above one
+# half. Success is absolute: the zoo's clean small CNNs let a ±0.1 pattern send most images to
+# some class (stripes 0.31–0.94, a separable full-image pattern 0.51–0.98 on the middle 80%), as a SIG or blend backdoor
+# does, and a calibration fitted on robust architectures read them as backdoored (19 of 30 flagged
+# with small_cnn held out). Measured against the model's own typical class, the same models sit
+# below the SIG and blend models of every architecture (benchmarks/scan.py).
 REACHED = 0.5  # attack success from which a structured trigger counts: half of the probe images reach the class
-FEATURES = ("anomaly_index", "norm_gap", "target_margin_anomaly", "warp_asr_above_half", "stripe_asr_above_half",
-            "separable_asr_above_half")
+FEATURES = ("anomaly_index", "norm_gap", "target_margin_anomaly", "warp_loss_ratio", "stripe_loss_ratio")
 CLIP = {"anomaly_index": (0.0, 10.0), "norm_gap": (0.0, 3.0), "target_margin_anomaly": (-3.0, 20.0),
-        "warp_asr_above_half": (0.0, 0.5), "stripe_asr_above_half": (0.0, 0.5), "separable_asr_above_half": (0.0, 0.5),
-        "log_min_norm_fraction": (-10.0, 0.0)}  # the last: benchmarks/scan.py PREVIOUS only
+        "warp_asr_above_half": (0.0, 0.5), "stripe_asr_above_half": (0.0, 0.5),
+        "warp_loss_ratio": (-3.0, 10.0), "stripe_loss_ratio": (-3.0, 10.0),
+        "log_min_norm_fraction": (-10.0, 0.0)}  # the above-half successes and the last: benchmarks/scan.py's earlier feature sets
 THRESHOLD = 0.5
 
 
@@ -60,7 +59,6 @@ def features(statistics: dict[str, float], names: tuple[str, ...] | list[str] | 
     raw["log_min_norm_fraction"] = math.log(max(raw.get("min_norm_fraction", 1.0), 1e-6))  # the previous calibration's lead input
     raw["warp_asr_above_half"] = max(0.0, raw.get("warp_asr", 0.0) - REACHED)
     raw["stripe_asr_above_half"] = max(0.0, raw.get("stripe_asr", 0.0) - REACHED)
-    raw["separable_asr_above_half"] = max(0.0, raw.get("target_separable_asr", 0.0) - REACHED)
     return np.array([min(max(float(raw[name]), CLIP[name][0]), CLIP[name][1]) for name in names])
 
 
