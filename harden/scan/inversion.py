@@ -289,18 +289,17 @@ def invert_triggers(
     margins = max_margins(model, shape, num_classes, config, device=device, seed=seed)
     images, labels = images.to(device), labels.to(device)
     height, width = shape[1:]
-    families = {
-        "warp": (warp_transforms(height, width, config.warp_budget), (2, config.warp_grid, config.warp_grid),
-                 config.warp_steps, config.structured_batch_size, 0.1),
-        "stripe": (stripe_transforms(config.stripe_epsilon), (width,), config.stripe_steps, config.structured_batch_size, config.stripe_lr),
-    }
-    for offset, (family, (transform, raw_shape, steps, batch_size, lr)) in enumerate(families.items()):
-        reach = reach_every_class(model, images, labels, num_classes, transform, raw_shape, steps=steps, batch_size=batch_size,
-                                  lr=lr, classes_per_pass=_passes_size(config, batch_size, height * width, num_classes), seed=seed + 2 + offset)
-        for trigger, reached in zip(classes, reach):
-            if reached is not None:
-                setattr(trigger, f"{family}_asr", reached.success)
-                setattr(trigger, f"{family}_loss", reached.loss)
+    per_pass = _passes_size(config, config.structured_batch_size, height * width, num_classes)
+    structured = dict(batch_size=config.structured_batch_size, classes_per_pass=per_pass)
+    warps = reach_every_class(model, images, labels, num_classes, warp_transforms(height, width, config.warp_budget),
+                              (2, config.warp_grid, config.warp_grid), steps=config.warp_steps, lr=0.1, seed=seed + 2, **structured)
+    stripes = reach_every_class(model, images, labels, num_classes, stripe_transforms(config.stripe_epsilon), (width,),
+                                steps=config.stripe_steps, lr=config.stripe_lr, seed=seed + 3, **structured)
+    for trigger, warp, stripe in zip(classes, warps, stripes):
+        if warp is not None:
+            trigger.warp_asr, trigger.warp_loss = warp.success, warp.loss
+        if stripe is not None:
+            trigger.stripe_asr, trigger.stripe_loss = stripe.success, stripe.loss
     for trigger, margin in zip(classes, margins):
         trigger.margin = float(margin)
     norms = np.array([c.norm for c in classes])
