@@ -21,6 +21,7 @@ gets them permuted. An encoder's output (`--task encoder`) is pooled to one embe
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Any, Callable, Mapping, Sequence
 
@@ -116,6 +117,13 @@ class PixelModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return weights_device(self.net)
+
+    def with_network(self, net: nn.Module) -> "PixelModel":
+        """This wrapper around another network that computes the same function (a folded copy):
+        same normalisation, input layout and outputs; the original is untouched."""
+        clone = copy.copy(self)
+        clone._modules = {**self._modules, "net": net}
+        return clone
 
     def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Normalise pixels with `mean`/`std` before the network (also after loading: `models.normalisation`)."""
