@@ -83,7 +83,7 @@ def _fold_graph(graph_module: fx.GraphModule) -> fx.GraphModule:
     for index, original in enumerate(folds):
         norm = nodes[original.name]
         conv = norm.args[0]
-        _, eps_at, _ = _BATCH_NORMS[norm.target]
+        _, eps_at, returns_tuple = _BATCH_NORMS[norm.target]
         weight, bias, mean, var = (_value(folded, a) for a in norm.args[1:5])
         conv_weight, conv_bias = _value(folded, conv.args[1]), _value(folded, conv.args[2] if len(conv.args) > 2 else None)
         new_weight, new_bias = fuse_conv_bn_weights(conv_weight, conv_bias, mean, var, norm.args[eps_at], weight, bias)
@@ -93,10 +93,11 @@ def _fold_graph(graph_module: fx.GraphModule) -> fx.GraphModule:
             weight_node = folded.graph.get_attr(f"_folded_weight_{index}")
             bias_node = folded.graph.get_attr(f"_folded_bias_{index}")
         conv.args = (conv.args[0], weight_node, bias_node, *conv.args[3:])
-        for user in list(norm.users) if _BATCH_NORMS[norm.target][2] else [norm]:
-            user.replace_all_uses_with(conv)
-            folded.graph.erase_node(user)
-        if norm in folded.graph.nodes:
+        outputs = list(norm.users) if returns_tuple else [norm]  # a tuple's uses are `[0]` lookups (`_foldable`)
+        for output in outputs:
+            output.replace_all_uses_with(conv)
+            folded.graph.erase_node(output)
+        if returns_tuple:
             folded.graph.erase_node(norm)
     folded.graph.eliminate_dead_code()
     folded.recompile()

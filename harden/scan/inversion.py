@@ -248,7 +248,7 @@ def invert_triggers(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if config.fold_batchnorm:
-        model = folded_for_inference(model, images[:32].to(device)).requires_grad_(False)
+        model = folded_for_inference(model, images[:32].to(device))  # a copy of the frozen model is frozen too
     opt_x, opt_y, held_x, held_y = _split_probe(images, labels, seed)
     opt_x, opt_y = opt_x.to(device), opt_y.to(device)
     generator = torch.Generator().manual_seed(seed)
@@ -301,13 +301,12 @@ def invert_triggers(
                               (2, config.warp_grid, config.warp_grid), steps=config.warp_steps, lr=0.1, seed=seed + 2, **structured)
     stripes = reach_every_class(model, images, labels, num_classes, stripe_transforms(config.stripe_epsilon), (width,),
                                 steps=config.stripe_steps, lr=config.stripe_lr, seed=seed + 3, **structured)
-    for trigger, warp, stripe in zip(classes, warps, stripes):
+    for trigger, margin, warp, stripe in zip(classes, margins, warps, stripes):
+        trigger.margin = float(margin)
         if warp is not None:
             trigger.warp_asr, trigger.warp_loss = warp.success, warp.loss
         if stripe is not None:
             trigger.stripe_asr, trigger.stripe_loss = stripe.success, stripe.loss
-    for trigger, margin in zip(classes, margins):
-        trigger.margin = float(margin)
     norms = np.array([c.norm for c in classes])
     for trigger, index in zip(classes, mad_anomaly(norms)):
         trigger.anomaly_index = float(max(index, 0.0))

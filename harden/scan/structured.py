@@ -71,7 +71,8 @@ ClassTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def stripe_transforms(epsilon: float) -> ClassTransform:
     """Raw K×W parameters → each class's images plus ε·tanh(b_j), the same on every row and channel."""
-    return lambda images, raw: (images + epsilon * torch.tanh(raw)[:, None, None, None, :]).clamp(0.0, 1.0)
+    add = additive_transform(epsilon)
+    return lambda images, raw: add(images, raw[:, None, None, None, :])
 
 
 def warp_transforms(height: int, width: int, budget_px: float) -> ClassTransform:
