@@ -66,6 +66,18 @@ def test_a_pt2_graph_from_mlflow_folds_its_batchnorm_operators(tmp_path):
     _assert_same_function(loaded, folded, images)
 
 
+def test_a_core_aten_pt2_graph_folds_too():
+    """Core-aten graphs (`run_decompositions`, as older torch exported) hold `aten.convolution` and a
+    BatchNorm that returns a tuple read through `[0]`."""
+    net = _randomise_batchnorms(create_model("small_cnn", num_classes=10))
+    program = torch.export.export(net, (_images(2),), dynamic_shapes=({0: torch.export.Dim("batch")},)).run_decompositions()
+    loaded = PixelModel(program.module()).eval()
+    images = _images(6)
+    folded = folded_for_inference(loaded, images)
+    assert _batchnorm_operators(loaded.net) == 4 and _batchnorm_operators(folded.net) == 0
+    _assert_same_function(loaded, folded, images)
+
+
 class _DataDependentNet(CustomNet):
     def forward(self, x):
         if x.mean() > 2:  # a branch on the data: torch.fx cannot trace it

@@ -8,7 +8,7 @@ run about a quarter faster on a BatchNorm CNN (benchmarks/scan.py, side by side)
 touches the model itself; fine-tuning methods keep the original.
 
 Two kinds of network fold: a module network that torch.fx can trace (torch's own conv/linear–BN
-fusion), and a pt2 graph from MLflow (its aten `conv*d` → `batch_norm` pairs, rewritten here).
+fusion), and a pt2 graph from MLflow (its aten convolution → BatchNorm pairs, rewritten here).
 Anything else (untraceable code, a BatchNorm whose input is used elsewhere, an output that moves
 more than float rounding) keeps the original network.
 """
@@ -25,7 +25,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from harden.models.wrappers import PixelModel
 
-_CONVOLUTIONS = {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default}
+# convolutions of a pt2 graph (weight, then bias, after the input); `aten.convolution`, which core-aten
+# graphs (`run_decompositions`, older exports) hold, only when it is not transposed
+_CONVOLUTIONS = {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default,
+                 torch.ops.aten.convolution.default}
+_TRANSPOSED_AT = {torch.ops.aten.convolution.default: 6}
 # inference BatchNorm operators of a pt2 graph → (index of the training flag or None, index of eps, returns a tuple)
 _BATCH_NORMS = {
     torch.ops.aten.batch_norm.default: (5, 7, False),
@@ -114,6 +118,8 @@ def _foldable(node: fx.Node) -> bool:
     if returns_tuple and not all(u.target is operator.getitem and u.args[1] == 0 for u in node.users):
         return False
     if not (isinstance(conv, fx.Node) and conv.op == "call_function" and conv.target in _CONVOLUTIONS and len(conv.users) == 1):
+        return False
+    if conv.target in _TRANSPOSED_AT and conv.args[_TRANSPOSED_AT[conv.target]] is not False:
         return False
     required, optional = [conv.args[1], *node.args[3:5]], [conv.args[2] if len(conv.args) > 2 else None, *node.args[1:3]]
     return all(_is_constant(p) for p in required) and all(p is None or _is_constant(p) for p in optional)
